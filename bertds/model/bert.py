@@ -1,0 +1,64 @@
+"""BERT for pretraining: embeddings -> encoder -> (MLM head on masked positions, NSP head on the pooler)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bertds.model.config import BertConfig
+from bertds.model.heads import BertMLMHead, BertNSPHead
+from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, key_padding_mask
+
+
+class BertModel(nn.Module):
+    """The BERT body: what fine-tuning and representations use."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor) -> torch.Tensor:
+        mask = key_padding_mask(valid_lens, tokens.shape[1])
+        return self.encoder(self.embeddings(tokens, segments), mask)
+
+
+class BertForPreTraining(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.mlm = BertMLMHead(config)
+        self.nsp = BertNSPHead(config)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.mlm.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.bert.encoder.activation_checkpointing = enabled
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor,
+                pred_positions: torch.Tensor | None = None):
+        """Returns (encoded (B, L, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2))."""
+        encoded = self.bert(tokens, segments, valid_lens)
+        mlm_logits = self.mlm(encoded, pred_positions) if pred_positions is not None else None
+        nsp_logits = self.nsp(self.bert.pooler(encoded))
+        return encoded, mlm_logits, nsp_logits
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,38 @@
+"""The final model directory: weights, model config and vocabulary, loadable back with ``load_pretrained``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bertds.data.tokenizer import Vocab
+from bertds.errors import UserError
+from bertds.model import BertConfig, BertForPreTraining
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+def save_pretrained(state_dict: dict[str, torch.Tensor], config: BertConfig, vocab: Vocab,
+                    directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().float().cpu() for k, v in state_dict.items()}, directory / WEIGHTS_FILE)
+    config.save(directory / CONFIG_FILE)
+    vocab.save(directory)
+
+
+def load_pretrained(directory: str | Path, device: torch.device | str = "cpu") -> tuple[BertForPreTraining, Vocab]:
+    """(model in eval mode, vocabulary) from a directory written by ``save_pretrained``."""
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory / name} is missing; pass the --output-dir of a finished bertds run")
+    config = BertConfig.load(directory / CONFIG_FILE)
+    vocab = Vocab.load(directory)
+    if len(vocab) != config.vocab_size:
+        raise UserError(f"{directory}: vocabulary has {len(vocab)} tokens but the model expects "
+                        f"{config.vocab_size}; the tokenizer.json belongs to another run")
+    model = BertForPreTraining(config)
+    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), vocab

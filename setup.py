@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bertds",
+    version="0.1.0",
+    description="Distributed BERT pretraining (MLM + NSP) on DeepSpeed",
+    packages=find_packages(include=["bertds", "bertds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "datasets>=3.0",
+        "tokenizers>=0.19",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "wandb",
+    ],
+    extras_require={
+        # CPU machines: the pinned CPU build (an unpinned torch pulls a multi-GB CUDA build).
+        "cpu": ["torch==2.13.0"],
+        "test": ["pytest>=8"],
+    },
+)
