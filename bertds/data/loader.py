@@ -47,7 +47,8 @@ def build_examples(source: CorpusSource, config: ExampleConfig, split: str = "tr
                    min_freq: int = 5) -> tuple[datasets.Dataset, Vocab]:
     """Corpus -> paragraphs -> word vocabulary -> token ids -> NSP/MLM examples, all in memory."""
     paragraphs = load_paragraphs(source, split)
-    vocab = Vocab.train_word_level(s for batch in paragraphs.iter(1000) for p in batch["sentences"] for s in p)
+    vocab = Vocab.train_word_level((s for batch in paragraphs.iter(1000) for p in batch["sentences"] for s in p),
+                                   min_freq=min_freq)
     paragraph_ids = paragraphs.map(_tokenize_paragraphs, batched=True, fn_kwargs={"vocab": vocab},
                                    remove_columns=["sentences"], keep_in_memory=True,
                                    new_fingerprint=f"ids-{vocab.fingerprint()}", desc="tokenizing")
@@ -76,6 +77,8 @@ def prepare_pretraining_data(source: CorpusSource, config: ExampleConfig, cache_
     vocab.save(tmp)
     manifest = {**recipe, "source": source.describe(), "num_examples": len(examples), "vocab_size": len(vocab)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if path.exists() and not (path / MANIFEST).is_file():
+        shutil.rmtree(path)  # an incomplete directory of ours (no manifest): never valid, safe to replace
     try:
         tmp.rename(path)
     except OSError:  # another process finished the same build first: use theirs

@@ -1,0 +1,58 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    path = Path(os.environ.get("BERTDS_TEST_DATA_DIR", SHARED_DATA / "wikitext-2"))
+    if not (path / "wiki.train.tokens").is_file():
+        pytest.fail(f"WikiText-2 not found at {path}: put ../shared/data beside the repo "
+                    "or set BERTDS_TEST_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One prepared-example cache for the whole session, shared with launched subprocesses."""
+    return tmp_path_factory.mktemp("bertds-cache")
+
+
+@pytest.fixture(scope="session")
+def prepared(wikitext_dir, cache_dir):
+    from bertds.data import CorpusSource, ExampleConfig, prepare_pretraining_data
+    return prepare_pretraining_data(CorpusSource.resolve(wikitext_dir), ExampleConfig(max_len=64, seed=0), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def launch(cache_dir):
+    """Runs a bertds launcher script: nproc=None -> plain python, else the deepspeed launcher with nproc ranks."""
+
+    def run(script: str, *args: str, nproc: int | None = None, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        if nproc is None:
+            cmd = [sys.executable, str(REPO / "launcher" / script)]
+        else:
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                   "--master_port", str(free_port()), str(REPO / "launcher" / script)]
+        full_env = {**os.environ, "BERTDS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
+                    "WANDB_MODE": "offline", **(env or {})}
+        result = subprocess.run(cmd + list(args), cwd=REPO, env=full_env, capture_output=True, text=True,
+                                timeout=timeout)
+        result.log = result.stdout + result.stderr  # type: ignore[attr-defined]
+        return result
+
+    return run

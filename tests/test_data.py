@@ -1,0 +1,227 @@
+import numpy as np
+import pytest
+
+from bertds.data import (CorpusSource, ExampleConfig, PretrainingBatches, Vocab, build_examples, load_paragraphs,
+                         prepare_pretraining_data)
+from bertds.data import corpus as corpus_module
+from bertds.errors import UserError
+
+
+def as_numpy(examples):
+    return {k: np.asarray(v) for k, v in examples.with_format("numpy")[:].items()}
+
+
+def write_corpus(directory, lines, split_file="wiki.train.tokens"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / split_file).write_text("".join(f" {line} \n" for line in lines))
+    return directory
+
+
+def non_special_counts(d):
+    return d["valid_len"] - 3
+
+
+# --- the real WikiText-2 ---------------------------------------------------------------------------------------
+
+def test_mlm_selection_rate_is_15_percent(prepared):
+    d = as_numpy(prepared.examples)
+    rate = d["mlm_weights"].sum() / non_special_counts(d).sum()
+    assert abs(rate - 0.15) < 0.01, rate
+
+
+def test_mask_random_keep_split_is_80_10_10(prepared):
+    d = as_numpy(prepared.examples)
+    real = d["mlm_weights"] > 0
+    rows = np.broadcast_to(np.arange(len(real))[:, None], real.shape)
+    shown = d["tokens"][rows[real], d["pred_positions"][real]]
+    labels = d["mlm_labels"][real]
+    masked = shown == prepared.vocab.mask_id
+    kept = shown == labels
+    randomised = ~masked & ~kept
+    assert abs(masked.mean() - 0.8) < 0.02 and abs(kept.mean() - 0.1) < 0.02 and abs(randomised.mean() - 0.1) < 0.02
+    assert not np.isin(shown[randomised], prepared.vocab.special_ids).any()
+
+
+def test_nsp_labels_are_balanced(prepared):
+    assert abs(as_numpy(prepared.examples)["nsp_label"].mean() - 0.5) < 0.02
+
+
+def test_special_tokens_and_segment_ids_are_exact(prepared):
+    d = as_numpy(prepared.examples)
+    vocab = prepared.vocab
+    tokens, segments, valid = d["tokens"], d["segments"], d["valid_len"]
+    assert (valid <= 64).all() and tokens.shape[1] == 64
+    assert (tokens[:, 0] == vocab.cls_id).all()
+    rows = np.arange(len(tokens))
+    assert (tokens[rows, valid - 1] == vocab.sep_id).all()
+    # Segment 0 covers <cls> A <sep>, segment 1 covers B <sep>, padding is segment 0 and <pad>.
+    len_a = (segments == 0).argmin(axis=1) - 2
+    assert (tokens[rows, len_a + 1] == vocab.sep_id).all()
+    positions = np.arange(64)
+    expected_segments = (positions >= len_a[:, None] + 2) & (positions < valid[:, None])
+    assert (segments == expected_segments).all()
+    assert ((tokens == vocab.pad_id) == (positions >= valid[:, None])).all()
+    # Exactly two <sep> and one <cls> per pair (mask replacement never writes special tokens).
+    assert ((tokens == vocab.sep_id).sum(axis=1) == 2).all() and ((tokens == vocab.cls_id).sum(axis=1) == 1).all()
+
+
+def test_prediction_positions_point_at_real_non_special_tokens(prepared):
+    d = as_numpy(prepared.examples)
+    real = d["mlm_weights"] > 0
+    pos = d["pred_positions"]
+    len_a = (d["segments"] == 0).argmin(axis=1) - 2
+    assert (pos[real] > 0).all()
+    assert (pos[real] < np.broadcast_to(d["valid_len"][:, None] - 1, pos.shape)[real]).all()
+    assert (pos[real] != np.broadcast_to(len_a[:, None] + 1, pos.shape)[real]).all()
+    assert (real.sum(axis=1) >= 1).all() and (d["mlm_labels"][~real] == 0).all() and (pos[~real] == 0).all()
+    assert not np.isin(d["mlm_labels"][real], [prepared.vocab.cls_id, prepared.vocab.sep_id,
+                                               prepared.vocab.pad_id]).any()
+
+
+def test_word_vocabulary_follows_d2l(prepared):
+    vocab = prepared.vocab
+    assert [vocab.unk_id, vocab.pad_id, vocab.mask_id, vocab.cls_id, vocab.sep_id] == [0, 1, 2, 3, 4]
+    assert vocab.tokenizer.id_to_token(5) == "the"  # most frequent word first
+    assert vocab.encode(["The Crane qqqzzz"]) == [[5, vocab.tokenizer.token_to_id("crane"), vocab.unk_id]]
+
+
+def test_same_seed_gives_same_examples_and_another_seed_differs(wikitext_dir):
+    source = CorpusSource.resolve(wikitext_dir)
+    first, _ = build_examples(source, ExampleConfig(seed=3), split="validation")
+    second, _ = build_examples(source, ExampleConfig(seed=3), split="validation")
+    other, _ = build_examples(source, ExampleConfig(seed=4), split="validation")
+    a, b, c = as_numpy(first), as_numpy(second), as_numpy(other)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a["tokens"]) != len(c["tokens"]) or not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_second_prepare_reads_the_cache(prepared, wikitext_dir, cache_dir):
+    again = prepare_pretraining_data(CorpusSource.resolve(wikitext_dir), ExampleConfig(max_len=64, seed=0), cache_dir)
+    assert again.from_cache and again.path == prepared.path
+    assert len(again.examples) == len(prepared.examples)
+    assert np.array_equal(as_numpy(again.examples)["tokens"], as_numpy(prepared.examples)["tokens"])
+    assert again.vocab.fingerprint() == prepared.vocab.fingerprint()
+
+
+def test_hub_and_local_directory_give_the_same_paragraphs(wikitext_dir, monkeypatch):
+    import datasets
+    lines = (wikitext_dir / "wiki.valid.tokens").read_text().splitlines(keepends=True)
+    # The hub's wikitext rows: each line with its trailing newline, empty lines as "".
+    hub_rows = datasets.Dataset.from_dict({"text": ["" if not line.strip() else line for line in lines]})
+    monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda *a, **k: hub_rows)
+    from_hub = load_paragraphs(CorpusSource(None), "validation")["sentences"]
+    local = load_paragraphs(CorpusSource.resolve(wikitext_dir), "validation")["sentences"]
+    assert from_hub == local and len(local) > 1000
+
+
+# --- a small synthetic corpus, to check pair semantics exactly ---------------------------------------------------
+
+def synthetic_corpus(tmp_path, paragraphs=40, sentences=5):
+    # Sentence j of paragraph i is "pI sJ wI wJ" - its identity can be read back from the tokens.
+    lines = [" . ".join(f"p{i} s{j} w{i} w{j}" for j in range(sentences)) for i in range(paragraphs)]
+    return write_corpus(tmp_path / "corpus", [" = Title = ", ""] + lines)
+
+
+def decode_pairs(examples, vocab):
+    d = as_numpy(examples)
+    len_a = (d["segments"] == 0).argmin(axis=1) - 2
+    # Undo the masking to read the original tokens.
+    tokens = d["tokens"].copy()
+    rows = np.broadcast_to(np.arange(len(tokens))[:, None], d["pred_positions"].shape)
+    real = d["mlm_weights"] > 0
+    tokens[rows[real], d["pred_positions"][real]] = d["mlm_labels"][real]
+    pairs = []
+    for row, n_a, n in zip(tokens, len_a, d["valid_len"]):
+        words = [vocab.tokenizer.id_to_token(int(t)) for t in row[:n]]
+        pairs.append((words[1:1 + n_a], words[2 + n_a:n - 1]))
+    return pairs, d["nsp_label"]
+
+
+def test_true_next_pairs_are_adjacent_sentences_of_one_paragraph(tmp_path):
+    examples, vocab = build_examples(CorpusSource.resolve(synthetic_corpus(tmp_path)), ExampleConfig(max_len=16),
+                                     min_freq=1)
+    pairs, labels = decode_pairs(examples, vocab)
+    assert len(pairs) == 40 * 4  # every adjacent pair of every paragraph, none too long
+    for (a, b), is_next in zip(pairs, labels):
+        if is_next:
+            assert a[0] == b[0] and int(b[1][1:]) == int(a[1][1:]) + 1
+    assert 0.3 < labels.mean() < 0.7
+
+
+def test_over_long_pairs_are_dropped_or_truncated(tmp_path):
+    source = CorpusSource.resolve(synthetic_corpus(tmp_path))
+    with pytest.raises(UserError, match="raise --max-len or pass --truncate"):  # 4 + 4 + 3 = 11 > 10
+        build_examples(source, ExampleConfig(max_len=10), min_freq=1)
+    truncated, vocab = build_examples(source, ExampleConfig(max_len=10, truncate=True), min_freq=1)
+    d = as_numpy(truncated)
+    assert len(truncated) == 160 and (d["valid_len"] == 10).all()
+    pairs, _ = decode_pairs(truncated, vocab)
+    assert all(len(a) + len(b) == 7 and abs(len(a) - len(b)) <= 1 for a, b in pairs)
+
+
+# --- rank shards ----------------------------------------------------------------------------------------------
+
+def test_rank_shards_are_disjoint_and_cover_the_data(prepared):
+    seen = []
+    for rank in range(2):
+        shard = PretrainingBatches(prepared.examples, 64, rank, 2).shard
+        seen.append(set(map(tuple, np.asarray(shard.with_format("numpy")["tokens"]).tolist())))
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) + len(seen[1]) == len(set(map(tuple, as_numpy(prepared.examples)["tokens"].tolist())))
+
+
+def test_batches_are_fixed_size_and_reshuffled_each_epoch(prepared):
+    small = prepared.examples.select(range(100))
+    batches = iter(PretrainingBatches(small, 32, 0, 1, seed=1))
+    epoch0 = [next(batches) for _ in range(3)]
+    epoch1 = [next(batches) for _ in range(3)]
+    assert all(b["tokens"].shape == (32, 64) for b in epoch0 + epoch1)
+    assert not all((x["tokens"] == y["tokens"]).all() for x, y in zip(epoch0, epoch1))
+    replay = iter(PretrainingBatches(small, 32, 0, 1, seed=1))
+    assert all((next(replay)["tokens"] == b["tokens"]).all() for b in epoch0)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def test_missing_data_dir_names_the_flag(tmp_path):
+    with pytest.raises(UserError, match="does not exist; pass --data-dir"):
+        CorpusSource.resolve(tmp_path / "nowhere")
+
+
+def test_missing_and_empty_files_are_user_errors(tmp_path):
+    (tmp_path / "wiki.train.tokens").write_text("")
+    source = CorpusSource.resolve(tmp_path)
+    with pytest.raises(UserError, match="is empty"):
+        load_paragraphs(source, "train")
+    with pytest.raises(UserError, match="wiki.valid.tokens is missing"):
+        load_paragraphs(source, "validation")
+
+
+def test_corpus_without_two_sentence_paragraphs_is_a_user_error(tmp_path):
+    source = CorpusSource.resolve(write_corpus(tmp_path, [" = Title = ", "one sentence only", ""]))
+    with pytest.raises(UserError, match="no paragraph with two or more sentences"):
+        load_paragraphs(source)
+
+
+def test_data_dir_from_environment(tmp_path, monkeypatch, wikitext_dir):
+    monkeypatch.setenv("BERTDS_DATA_DIR", str(wikitext_dir))
+    assert CorpusSource.resolve(None).data_dir == wikitext_dir.resolve()
+    monkeypatch.delenv("BERTDS_DATA_DIR")
+    assert CorpusSource.resolve(None).data_dir is None  # the hub
+
+
+def test_interrupted_cache_build_is_not_used(wikitext_dir, tmp_path):
+    source = CorpusSource.resolve(write_corpus(tmp_path / "c", ["a b . c d . e f", "g h . i j"] * 50))
+    config = ExampleConfig(max_len=16)
+    built = prepare_pretraining_data(source, config, tmp_path / "cache")
+    (built.path / "manifest.json").unlink()  # as if the process died before the build completed
+    rebuilt = prepare_pretraining_data(source, config, tmp_path / "cache")
+    assert not rebuilt.from_cache and (rebuilt.path / "manifest.json").is_file()
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
+
+
+def test_vocab_round_trips_through_disk(prepared, tmp_path):
+    prepared.vocab.save(tmp_path)
+    assert Vocab.load(tmp_path).fingerprint() == prepared.vocab.fingerprint()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        Vocab.load(tmp_path / "missing")

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from bertds.errors import UserError
+from bertds.model import MODEL_PRESETS, BertForPreTraining, get_config, num_parameters
+from bertds.model.layers import key_padding_mask
+
+
+def random_batch(vocab_size, batch=3, seq_len=16, preds=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, vocab_size, (batch, seq_len), generator=g)
+    segments = (torch.arange(seq_len) >= seq_len // 2).long().expand(batch, -1).clone()
+    valid_lens = torch.tensor([seq_len, seq_len - 5, 7])[:batch]
+    pred_positions = torch.randint(1, 7, (batch, preds), generator=g)
+    return tokens, segments, valid_lens, pred_positions
+
+
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
+def test_output_shapes_for_every_preset(name):
+    config = get_config(name, vocab_size=1000)
+    device = "cpu" if name in ("tiny", "small") else "meta"  # base/large: shapes without allocating weights
+    with torch.device(device):
+        model = BertForPreTraining(config)
+    tokens, segments, valid_lens, pred_positions = (t.to(device) for t in random_batch(1000))
+    encoded, mlm_logits, nsp_logits = model(tokens, segments, valid_lens, pred_positions)
+    assert encoded.shape == (3, 16, config.hidden_size)
+    assert mlm_logits.shape == (3, 4, 1000)
+    assert nsp_logits.shape == (3, 2)
+    assert model(tokens, segments, valid_lens)[1] is None
+
+
+@pytest.mark.parametrize("name,expected_millions", [("base", 110), ("large", 335)])
+def test_parameter_counts_match_bert_paper(name, expected_millions):
+    with torch.device("meta"):
+        model = BertForPreTraining(get_config(name, vocab_size=30522))
+    assert abs(num_parameters(model) / 1e6 - expected_millions) / expected_millions < 0.01
+
+
+def test_named_configs_match_the_issue():
+    shapes = {n: (c.num_layers, c.hidden_size, c.num_heads, c.ffn_size)
+              for n, c in ((n, get_config(n)) for n in MODEL_PRESETS)}
+    assert shapes == {"tiny": (2, 128, 2, 256), "small": (2, 256, 4, 512), "base": (12, 768, 12, 3072),
+                      "large": (24, 1024, 16, 4096)}
+    assert all(get_config(n).max_position_embeddings == 512 for n in MODEL_PRESETS)
+    assert get_config("tiny", dropout=0.3).dropout == 0.3
+
+
+def test_unknown_model_name_is_a_user_error():
+    with pytest.raises(UserError, match="unknown model 'huge'"):
+        get_config("huge")
+
+
+def test_padding_does_not_change_valid_encodings():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=500)).eval()
+    tokens, segments, valid_lens, _ = random_batch(500)
+    changed = tokens.clone()
+    for row, n in enumerate(valid_lens.tolist()):
+        changed[row, n:] = torch.randint(5, 500, (16 - n,))
+        segments[row, n:] = 1 - segments[row, n:]
+    a = model(tokens, segments, valid_lens)[0]
+    b = model(changed, segments, valid_lens)[0]
+    for row, n in enumerate(valid_lens.tolist()):
+        torch.testing.assert_close(a[row, :n], b[row, :n], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[1, 11:], b[1, 11:])  # the padded positions themselves did change
+
+
+def test_attention_mask_from_valid_lens():
+    mask = key_padding_mask(torch.tensor([2, 4]), 4)
+    assert mask.shape == (2, 1, 1, 4)
+    assert mask[:, 0, 0].tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_mlm_decoder_is_tied_to_token_embedding_and_can_be_untied():
+    model = BertForPreTraining(get_config("tiny", vocab_size=300))
+    embedding = model.bert.embeddings.word_embeddings.weight
+    assert model.mlm.decoder.weight is embedding
+    tokens, segments, valid_lens, pred_positions = random_batch(300)
+    model(tokens, segments, valid_lens, pred_positions)[1].sum().backward()
+    before = embedding.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert model.mlm.decoder.weight.data_ptr() == embedding.data_ptr()
+    assert not torch.equal(before, embedding)
+    untied = BertForPreTraining(get_config("tiny", vocab_size=300, tie_word_embeddings=False))
+    assert untied.mlm.decoder.weight is not untied.bert.embeddings.word_embeddings.weight
+    assert num_parameters(untied) == num_parameters(model) + 300 * 128
+
+
+def test_gathered_mlm_logits_equal_full_sequence_logits():
+    model = BertForPreTraining(get_config("tiny", vocab_size=400)).eval()
+    tokens, segments, valid_lens, pred_positions = random_batch(400)
+    encoded, mlm_logits, _ = model(tokens, segments, valid_lens, pred_positions)
+    all_positions = torch.arange(16).expand(3, -1)
+    full = model.mlm(encoded, all_positions)
+    expected = full.gather(1, pred_positions[..., None].expand(-1, -1, 400))
+    torch.testing.assert_close(mlm_logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0))
+    batch = random_batch(300)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.set_activation_checkpointing(enabled)
+        _, mlm_logits, nsp_logits = model(*batch)
+        (mlm_logits.sum() + nsp_logits.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
