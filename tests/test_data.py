@@ -225,3 +225,18 @@ def test_vocab_round_trips_through_disk(prepared, tmp_path):
     assert Vocab.load(tmp_path).fingerprint() == prepared.vocab.fingerprint()
     with pytest.raises(UserError, match="no tokenizer.json"):
         Vocab.load(tmp_path / "missing")
+
+
+def test_batch_position_round_trips_for_resume(prepared):
+    small = prepared.examples.select(range(100))
+    reference = iter(PretrainingBatches(small, 32, 0, 1, seed=2))
+    expected = [next(reference)["tokens"] for _ in range(7)]  # crosses two epoch boundaries (3 batches each)
+    first = PretrainingBatches(small, 32, 0, 1, seed=2)
+    stream = iter(first)
+    for _ in range(4):
+        next(stream)
+    assert first.state_dict() == {"epoch": 1, "batches_done": 1}
+    resumed = PretrainingBatches(small, 32, 0, 1, seed=2)
+    resumed.load_state_dict(first.state_dict())
+    stream = iter(resumed)
+    assert all((next(stream)["tokens"] == t).all() for t in expected[4:])

@@ -13,8 +13,10 @@ import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
 from deepspeed.accelerator import get_accelerator
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 
+from bertds.data.config import DataConfig
 from bertds.data.corpus import CorpusSource, load_paragraphs
 from bertds.data.examples import ExampleConfig, make_examples
 from bertds.data.tokenizer import Vocab
@@ -86,9 +88,21 @@ def prepare_pretraining_data(source: CorpusSource, config: ExampleConfig, cache_
     return PreparedData(datasets.load_from_disk(str(path / "examples")), Vocab.load(path), path, False)
 
 
+def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
+    """Rank 0 builds the cache (if missing) while the other ranks wait; then every rank memory-maps it."""
+    source = CorpusSource.resolve(config.data_dir)
+    examples = ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate)
+    if rank == 0:
+        prepare_pretraining_data(source, examples, config.cache_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return prepare_pretraining_data(source, examples, config.cache_dir)
+
+
 class PretrainingBatches:
     """Endless micro-batches from one rank's contiguous shard of the examples, reshuffled every epoch with a
-    generator seeded by (seed, epoch): the same seed gives the same order on every run."""
+    generator seeded by (seed, epoch): the same seed gives the same order on every run. ``state_dict`` holds the
+    position (epoch, batches consumed in it), so a resumed run continues with exactly the next batch."""
 
     def __init__(self, examples: datasets.Dataset, micro_batch: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 0):
@@ -97,21 +111,30 @@ class PretrainingBatches:
             raise UserError(f"rank {rank} holds {len(self.shard)} examples, fewer than the micro batch "
                             f"{micro_batch}; lower the batch size or use a larger corpus")
         self.micro_batch, self.seed, self.num_workers = micro_batch, seed, num_workers
-        self.epoch = 0
+        self.epoch, self.batches_done = 0, 0
 
     @property
     def batches_per_epoch(self) -> int:
         return len(self.shard) // self.micro_batch
 
-    def _epoch_loader(self, epoch: int) -> DataLoader:
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        sampler = BatchSampler(RandomSampler(self.shard, generator=generator), self.micro_batch, drop_last=True)
-        # batch_size=None: each sampled index list is fetched with one Arrow take, already stacked.
-        return DataLoader(self.shard, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=get_accelerator().device_name() != "cpu",
-                          persistent_workers=False)
+        order = torch.randperm(len(self.shard), generator=generator).tolist()
+        return [order[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.batches_per_epoch)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield from self._epoch_loader(self.epoch)
-            self.epoch += 1
+            remaining = self._epoch_batches(self.epoch)[self.batches_done:]
+            # batch_size=None: each sampled index list is fetched with one Arrow take, already stacked.
+            loader = DataLoader(self.shard, sampler=remaining, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=get_accelerator().device_name() != "cpu")
+            for batch in loader:
+                self.batches_done += 1
+                yield batch
+            self.epoch, self.batches_done = self.epoch + 1, 0

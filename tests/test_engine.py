@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bertds import encode, load_pretrained
 from bertds.errors import UserError
-from bertds.train import load_ds_config, pretraining_losses, resolve_batch_sizes
+from bertds.engine import load_ds_config, pretraining_losses, resolve_batch_sizes
 
 SEED_LINES = (re.compile(r"^MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}$", re.M),
               re.compile(r"^\d+\.\d sentence pairs/sec on \[(cpu|cuda:\d+)(, (cpu|cuda:\d+))*\]$", re.M))
@@ -94,7 +94,7 @@ def test_single_rank_default_run(launch, wikitext_dir, tmp_path):
     assert result.returncode == 0, result.log[-3000:]
     assert all(p.search(result.log) for p in SEED_LINES) and "sentence pairs/sec on [cpu]" in result.log
     saved = json.loads((tmp_path / "train_config.json").read_text())
-    assert saved["train"]["model"] == "tiny" and saved["train"]["max_len"] == 64
+    assert saved["train"]["model"] == "tiny" and saved["train"]["data"]["max_len"] == 64
     assert saved["deepspeed"]["train_batch_size"] == 512
     assert saved["deepspeed"]["optimizer"]["params"]["lr"] == 0.01
     assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4]

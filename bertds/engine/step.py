@@ -1,0 +1,27 @@
+"""The pretraining loss and one micro-step through a DeepSpeed engine (shared by training and benchmarks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pretraining_losses(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
+                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM cross-entropy averaged over the real prediction positions, and NSP cross-entropy (d2l's loss)."""
+    weights = batch["mlm_weights"].reshape(-1).float()
+    mlm = F.cross_entropy(mlm_logits.float().flatten(0, 1), batch["mlm_labels"].reshape(-1).long(),
+                          reduction="none")
+    mlm_loss = (mlm * weights).sum() / (weights.sum() + 1e-8)
+    nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
+    return mlm_loss, nsp_loss
+
+
+def micro_step(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and ``engine.step()`` (which steps the optimizer only at accumulation boundaries).
+    Returns the detached losses without synchronising with the device."""
+    _, mlm_logits, nsp_logits = engine(batch["tokens"], batch["segments"], batch["valid_len"],
+                                       batch["pred_positions"])
+    mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)
+    engine.backward(mlm_loss + nsp_loss)
+    engine.step()
+    return mlm_loss.detach(), nsp_loss.detach()
