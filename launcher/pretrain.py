@@ -27,6 +27,17 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--dropout", type=float, help="override the preset's dropout")
     p.add_argument("--untie-embeddings", action="store_true", help="separate MLM decoder and token embedding")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute encoder blocks in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model through engine.compile()")
+    p.add_argument("--init-from", help="start from the weights of a finished run's --output-dir (two-phase)")
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    ckpt.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    ckpt.add_argument("--resume", help="'auto' (latest checkpoint in --output-dir, if any) or a checkpoint path")
+    ckpt.add_argument("--overwrite", action="store_true", help="allow an --output-dir that holds another run")
+    track = p.add_argument_group("tracking")
+    track.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    track.add_argument("--wandb-project", default="bertds")
+    track.add_argument("--wandb-run-name")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     add_data_arguments(p)
     deepspeed.add_config_arguments(p)
@@ -35,7 +46,10 @@ def parse_args(argv=None) -> TrainConfig:
         deepspeed_config=args.deepspeed_config or str(DEFAULT_DS_CONFIG), data=data_config_from_args(args),
         model=args.model, batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr,
         output_dir=args.output_dir, log_interval=args.log_interval, dropout=args.dropout,
-        untie_embeddings=args.untie_embeddings, activation_checkpointing=args.activation_checkpointing)
+        untie_embeddings=args.untie_embeddings, activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile, init_from=args.init_from, save_interval=args.save_interval, keep_last=args.keep_last,
+        resume=args.resume, overwrite=args.overwrite, wandb=not args.no_wandb, wandb_project=args.wandb_project,
+        wandb_run_name=args.wandb_run_name)
 
 
 if __name__ == "__main__":

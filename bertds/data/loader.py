@@ -132,8 +132,11 @@ class PretrainingBatches:
         while True:
             remaining = self._epoch_batches(self.epoch)[self.batches_done:]
             # batch_size=None: each sampled index list is fetched with one Arrow take, already stacked.
+            # A private generator: creating an iterator must not draw from the global torch RNG (dropout's),
+            # or a run resumed mid-epoch would see different dropout masks than one never interrupted.
             loader = DataLoader(self.shard, sampler=remaining, batch_size=None, num_workers=self.num_workers,
-                                pin_memory=get_accelerator().device_name() != "cpu")
+                                pin_memory=get_accelerator().device_name() != "cpu",
+                                generator=torch.Generator().manual_seed(self.seed))
             for batch in loader:
                 self.batches_done += 1
                 yield batch

@@ -1,6 +1,7 @@
 """DeepSpeed JSON configs: reading them with clear errors, and the batch-size arithmetic."""
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -18,7 +19,44 @@ def load_ds_config(path: str | Path) -> dict:
                         "fix the file") from None
     if not isinstance(config, dict):
         raise UserError(f"DeepSpeed config {path} must hold a JSON object; fix the file")
+    validate_ds_config(config, path)
     return config
+
+
+# Top-level sections and keys DeepSpeed reads (runtime/config.py and the feature configs it delegates to).
+DEEPSPEED_KEYS = frozenset("""
+    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print dump_state
+    optimizer scheduler fp16 bf16 bfloat16 amp torch_autocast data_types communication_data_type
+    seq_parallel_communication_data_type gradient_clipping prescale_gradients gradient_predivide_factor
+    gradient_allreduce_op sparse_gradients zero_optimization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer activation_checkpointing wall_clock_breakdown memory_breakdown flops_profiler
+    tensorboard wandb csv_monitor comet comms_logger autotuning elasticity pipeline data_efficiency
+    curriculum_learning compression_training checkpoint aio nebula eigenvalue progressive_layer_drop
+    sparse_attention disable_allgather dataloader_drop_last load_universal_checkpoint use_node_local_storage
+    hybrid_engine compile timers weight_quantization tensor_parallel expert_parallel
+    use_data_before_expert_parallelism disable_python_gc log_level lower_precision_safe_modules
+    managed_gradient_accumulation legacy_fusion graph_harvesting vocabulary_size
+""".split())
+
+
+def validate_ds_config(config: dict, path: str | Path) -> None:
+    """Unknown top-level keys (DeepSpeed would silently ignore a misspelt one) and invalid ZeRO sections are
+    UserErrors naming the key."""
+    for key in config:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "remove it"
+            raise UserError(f"DeepSpeed config {path} has an unknown key '{key}'; {hint}")
+    if "zero_optimization" in config:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+        try:
+            DeepSpeedZeroConfig(**config["zero_optimization"])
+        except (ValidationError, TypeError) as e:
+            first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+            where = ".".join(str(part) for part in first["loc"])
+            raise UserError(f"DeepSpeed config {path}: zero_optimization.{where}: {first['msg']}; fix the file") \
+                from None
 
 
 def resolve_batch_sizes(ds_config: dict, world_size: int, batch_size: int | None = None) -> dict:

@@ -16,12 +16,14 @@ def pretraining_losses(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
     return mlm_loss, nsp_loss
 
 
-def micro_step(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_step(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Forward, backward and ``engine.step()`` (which steps the optimizer only at accumulation boundaries).
-    Returns the detached losses without synchronising with the device."""
+    Returns detached statistics (losses, correct MLM predictions) without synchronising with the device."""
     _, mlm_logits, nsp_logits = engine(batch["tokens"], batch["segments"], batch["valid_len"],
                                        batch["pred_positions"])
     mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)
     engine.backward(mlm_loss + nsp_loss)
     engine.step()
-    return mlm_loss.detach(), nsp_loss.detach()
+    with torch.no_grad():
+        correct = ((mlm_logits.argmax(-1) == batch["mlm_labels"]).float() * batch["mlm_weights"]).sum()
+    return {"mlm_loss": mlm_loss.detach(), "nsp_loss": nsp_loss.detach(), "mlm_correct": correct}

@@ -1,0 +1,90 @@
+"""Metrics: console lines, ``metrics.jsonl``, Weights & Biases (rank 0 only) and the final ``loss.png``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _wandb_mode() -> str:
+    """WANDB_MODE when set; otherwise online only with credentials, so a machine without them still logs (offline)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Tracker:
+    """Does nothing on ranks other than 0. ``resume_step`` keeps the metrics of steps up to it (a resumed run
+    continues the file and the wandb run; lines a killed run logged after its last checkpoint are dropped)."""
+
+    def __init__(self, output_dir: Path, rank: int, run_config: dict, use_wandb: bool, project: str,
+                 run_name: str | None, resume_step: int = 0):
+        self.output_dir, self.active = Path(output_dir), rank == 0
+        self.wandb_run = None
+        if not self.active:
+            return
+        kept = [m for m in read_metrics(output_dir) if m["step"] <= resume_step] if resume_step else []
+        (self.output_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if use_wandb:
+            import wandb
+            id_file = self.output_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            self.wandb_run = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
+                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def print(self, message: str) -> None:
+        if self.active:
+            tqdm.write(message, file=sys.stdout)
+
+    def finish(self) -> None:
+        if not self.active:
+            return
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        plot_losses(self.output_dir)
+
+
+def plot_losses(output_dir: Path) -> Path | None:
+    """MLM and NSP loss per logged step (the d2l animator's final picture), as ``loss.png``."""
+    metrics = read_metrics(output_dir)
+    if not metrics:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(steps, [m["mlm_loss"] for m in metrics], label="mlm")
+    ax.plot(steps, [m["nsp_loss"] for m in metrics], label="nsp", linestyle="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(output_dir) / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
