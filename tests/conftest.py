@@ -37,22 +37,47 @@ def prepared(wikitext_dir, cache_dir):
     return prepare_pretraining_data(CorpusSource.resolve(wikitext_dir), ExampleConfig(max_len=64, seed=0), cache_dir)
 
 
+# Set in this process by in-process engine tests; a launched child must not inherit them.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+            "CROSS_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+
+
+def launcher_command(script: str, *args: str, nproc: int | None = None) -> list[str]:
+    """nproc=None: plain python (one rank); else the deepspeed launcher with nproc ranks."""
+    if nproc is None:
+        return [sys.executable, str(REPO / "launcher" / script), *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), str(REPO / "launcher" / script), *args]
+
+
+def launcher_env(cache_dir: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    return {**env, "BERTDS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true", **extra}
+
+
 @pytest.fixture(scope="session")
 def launch(cache_dir):
-    """Runs a bertds launcher script: nproc=None -> plain python, else the deepspeed launcher with nproc ranks."""
+    """Runs a bertds launcher script to completion (see launcher_command)."""
 
     def run(script: str, *args: str, nproc: int | None = None, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        if nproc is None:
-            cmd = [sys.executable, str(REPO / "launcher" / script)]
-        else:
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                   "--master_port", str(free_port()), str(REPO / "launcher" / script)]
-        full_env = {**os.environ, "BERTDS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
-                    "WANDB_MODE": "offline", **(env or {})}
-        result = subprocess.run(cmd + list(args), cwd=REPO, env=full_env, capture_output=True, text=True,
+        result = subprocess.run(launcher_command(script, *args, nproc=nproc), cwd=REPO,
+                                env=launcher_env(cache_dir, **(env or {})), capture_output=True, text=True,
                                 timeout=timeout)
         result.log = result.stdout + result.stderr  # type: ignore[attr-defined]
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank process group in the test process, for tests that build DeepSpeed engines in-process."""
+    from bertds.distributed import init_distributed
+    return init_distributed()
+
+
+@pytest.fixture(scope="session")
+def tiny_ds_config() -> Path:
+    return REPO / "ds_configs" / "tiny_cpu.json"

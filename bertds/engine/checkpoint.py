@@ -7,6 +7,7 @@ replaced atomically only after every rank has finished writing, so an interrupte
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,9 +25,10 @@ from bertds.errors import UserError
 from bertds.model import BertConfig
 
 CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
-FAULT_ENV = "BERTDS_FAULT_INJECT"  # tests only: "kill_before_latest" SIGKILLs the process mid-save
+FAULT_ENV = "BERTDS_FAULT_INJECT"  # tests only: "kill_before_latest@STEP" SIGKILLs the process mid-save
 
 
 def rank_file(rank: int) -> str:
@@ -48,6 +50,12 @@ def restore_rng(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def batch_layout(engine) -> dict:
+    """What a resumed run must share with the saved one for the data position to mean the same examples."""
+    return {"world_size": dist.get_world_size(), "train_batch_size": engine.train_batch_size(),
+            "micro_batch": engine.train_micro_batch_size_per_gpu()}
+
+
 def save_training_checkpoint(engine, output_dir: Path, step: int, client_state: dict, rank_state: dict,
                              vocab: Vocab, model_config: BertConfig, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
@@ -59,8 +67,9 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, client_state: 
     if rank == 0:
         vocab.save(root / tag)
         model_config.save(root / tag / "config.json")
+        (root / tag / RUN_FILE).write_text(json.dumps({"step": step, **batch_layout(engine)}, indent=2) + "\n")
     dist.barrier()
-    if os.environ.get(FAULT_ENV) == "kill_before_latest":
+    if os.environ.get(FAULT_ENV) == f"kill_before_latest@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
         tmp = root / f"{LATEST}.tmp"
@@ -96,8 +105,11 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
                     "pass --resume auto or a directory under OUTPUT/checkpoints/")
 
 
-def check_compatible(checkpoint: Path, model_config: BertConfig, vocab: Vocab, world_size: int) -> None:
-    """Raises a UserError unless the checkpoint was written for this model config, vocabulary and rank count."""
+def check_compatible(checkpoint: Path, model_config: BertConfig, vocab: Vocab) -> None:
+    """Raises a UserError unless the checkpoint was written for this model config and vocabulary."""
+    if Vocab.load(checkpoint).fingerprint() != vocab.fingerprint():
+        raise UserError(f"checkpoint {checkpoint} was written with a different vocabulary than the data of this "
+                        "run; resume with the same corpus and tokenizer or use a new --output-dir")
     saved = BertConfig.load(checkpoint / "config.json")
     differences = {k: (v, getattr(model_config, k)) for k, v in saved.to_dict().items()
                    if getattr(model_config, k) != v}
@@ -105,13 +117,17 @@ def check_compatible(checkpoint: Path, model_config: BertConfig, vocab: Vocab, w
         described = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differences.items())
         raise UserError(f"checkpoint {checkpoint} was written for another model config ({described}); "
                         "resume with the same --model/--dropout flags or use a new --output-dir")
-    if Vocab.load(checkpoint).fingerprint() != vocab.fingerprint():
-        raise UserError(f"checkpoint {checkpoint} was written with a different vocabulary than the data of this "
-                        "run; resume with the same corpus and tokenizer or use a new --output-dir")
-    written_by = len(list(checkpoint.glob("bertds_rank*.pt")))
-    if written_by != world_size:
-        raise UserError(f"checkpoint {checkpoint} was written by {written_by} ranks but this run has {world_size}; "
-                        f"resume with {written_by} ranks")
+
+
+def check_batch_layout(checkpoint: Path, engine) -> None:
+    """Raises a UserError unless rank count and batch sizes match the checkpoint's (the data position counts
+    micro-batches of one rank's shard)."""
+    saved = json.loads((checkpoint / RUN_FILE).read_text())
+    now = batch_layout(engine)
+    differences = [f"{k} {saved[k]} (now {v})" for k, v in now.items() if saved[k] != v]
+    if differences:
+        raise UserError(f"checkpoint {checkpoint} was written with {', '.join(differences)}; resume with the same "
+                        "number of ranks and batch sizes, or start a new run with --init-from")
 
 
 def load_training_checkpoint(engine, checkpoint: Path) -> tuple[dict, dict]:

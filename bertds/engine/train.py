@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from bertds.data import DataConfig, PretrainingBatches, prepare_for_training
 from bertds.distributed import init_distributed, shutdown_distributed
-from bertds.engine.checkpoint import (CHECKPOINTS, check_compatible, find_checkpoint, load_training_checkpoint,
-                                      save_training_checkpoint)
+from bertds.engine.checkpoint import (CHECKPOINTS, check_batch_layout, check_compatible, find_checkpoint,
+                                      load_training_checkpoint, save_training_checkpoint)
 from bertds.engine.config import load_ds_config, resolve_batch_sizes
 from bertds.engine.optim import adapt_optimization
 from bertds.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
@@ -122,7 +122,7 @@ def train(cfg: TrainConfig) -> RunState:
     torch.manual_seed(cfg.data.seed)
     model = build_model(cfg, data.vocab)
     if checkpoint is not None:
-        check_compatible(checkpoint, model.config, data.vocab, world_size)
+        check_compatible(checkpoint, model.config, data.vocab)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=engine_config,
                                            optimizer=client_optimizer, lr_scheduler=client_scheduler)
     if cfg.compile:
@@ -131,11 +131,17 @@ def train(cfg: TrainConfig) -> RunState:
                                  seed=cfg.data.seed, num_workers=cfg.data.num_workers)
     state, window = RunState(), torch.zeros(len(WINDOW_FIELDS), device=device)
     if checkpoint is not None:
+        check_batch_layout(checkpoint, engine)
         client_state, rank_state = load_training_checkpoint(engine, checkpoint)
         state = RunState(**{**client_state["run_state"], "preempted": False})
         batches.load_state_dict(rank_state["data"])
         window = rank_state["window"].to(device)
 
+    if state.step >= cfg.max_steps:
+        if rank == 0:
+            print(f"{checkpoint} is already at step {state.step} of --max-steps {cfg.max_steps}; nothing to do "
+                  "(raise --max-steps to train further)")
+        return state
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(output_dir, rank, {"train": asdict(cfg), "deepspeed": ds_config}, cfg.wandb,
