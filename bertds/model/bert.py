@@ -51,12 +51,15 @@ class BertForPreTraining(nn.Module):
         self.bert.encoder.activation_checkpointing = enabled
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor,
-                pred_positions: torch.Tensor | None = None):
-        """Returns (encoded (B, L, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2))."""
+                pred_positions: torch.Tensor | None = None, *, mlm_labels: torch.Tensor | None = None,
+                mlm_weights: torch.Tensor | None = None):
+        """Returns (encoded (B, L, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2)). Given ``mlm_labels`` and
+        ``mlm_weights`` (B, P), the second output is the MLM loss (a scalar, d2l's weighted mean) computed by a fused
+        vocabulary projection + cross-entropy on the real prediction slots, without the (B, P, V) logits."""
         encoded = self.bert(tokens, segments, valid_lens)
-        mlm_logits = self.mlm(encoded, pred_positions) if pred_positions is not None else None
+        mlm = self.mlm(encoded, pred_positions, mlm_labels, mlm_weights) if pred_positions is not None else None
         nsp_logits = self.nsp(self.bert.pooler(encoded))
-        return encoded, mlm_logits, nsp_logits
+        return encoded, mlm, nsp_logits
 
 
 def num_parameters(model: nn.Module) -> int:

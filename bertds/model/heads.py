@@ -7,6 +7,55 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 
+LOSS_CHUNK = 256  # prediction rows per chunk of the fused vocabulary projection + cross-entropy
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i scale_i · CE(x_i Wᵀ + b, label_i) in row chunks, so the (rows, vocab) logits never exist whole. The output
+    is a scalar, so the gradients are computed in forward from each chunk's softmax (as Liger-Kernel's fused linear
+    cross-entropy) and backward only scales them; each chunk stays in one buffer, updated in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, scale):
+        grads = any(ctx.needs_input_grad[:3])
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if grads else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads else None
+        for start in range(0, x.shape[0], LOSS_CHUNK):
+            rows = slice(start, start + LOSS_CHUNK)
+            logits = torch.addmm(bias, x[rows], weight.t()).float()
+            target = logits.gather(1, labels[rows, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: one (chunk, vocab) buffer for logits, exp and gradient
+            total = exp.sum(dim=-1, keepdim=True)
+            loss += ((top + total.log()).squeeze(1) - target).mul(scale[rows]).sum()
+            if grads:  # d loss / d logits = scale · (softmax - onehot)
+                g = exp.mul_(scale[rows, None] / total)
+                g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
+                grad_b += g.sum(0)
+                g = g.to(x.dtype)
+                grad_x[rows] = g @ weight
+                grad_w.addmm_(g.t().float(), x[rows].float())
+        if grads:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class MLMDecoder(nn.Linear):
+    """The vocabulary projection; given labels it returns the weighted cross-entropy instead of the logits."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale)
+
 
 class BertMLMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> vocabulary projection (the decoder weight is tied to the token embedding)."""
@@ -15,14 +64,30 @@ class BertMLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder = MLMDecoder(config.hidden_size, config.vocab_size)
 
-    def forward(self, encoded: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, encoded: torch.Tensor, pred_positions: torch.Tensor, labels: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, P, V) at ``pred_positions``; given ``labels`` and ``weights`` (B, P) instead d2l's MLM loss
+        sum(w · CE) / (sum(w) + 1e-8), without materialising the logits."""
         # Gather the prediction positions first: the vocabulary projection, the largest matmul of the model,
         # then runs on ~15% of the tokens instead of all of them.
-        index = pred_positions.long().unsqueeze(-1).expand(-1, -1, encoded.shape[-1])
-        selected = encoded.gather(1, index)
-        return self.decoder(self.LayerNorm(F.gelu(self.dense(selected))))
+        if labels is None:
+            index = pred_positions.long().unsqueeze(-1).expand(-1, -1, encoded.shape[-1])
+            return self.decoder(self.transform(encoded.gather(1, index)))
+        weights = weights.reshape(-1).float()
+        scale, labels = weights / (weights.sum() + 1e-8), labels.reshape(-1).long()
+        rows = torch.arange(encoded.shape[0], device=encoded.device).repeat_interleave(pred_positions.shape[1])
+        positions = pred_positions.reshape(-1).long()
+        if weights.device.type == "cpu":
+            # Skip the padded slots (weight 0, a third on WikiText-2). `nonzero` would stall an accelerator's
+            # queue, so there they are computed with scale 0 instead.
+            keep = weights.nonzero().squeeze(1)
+            rows, positions, scale, labels = rows[keep], positions[keep], scale[keep], labels[keep]
+        return self.decoder(self.transform(encoded[rows, positions]), labels, scale)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
 
 
 class BertNSPHead(nn.Module):
