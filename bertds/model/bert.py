@@ -54,8 +54,9 @@ class BertForPreTraining(nn.Module):
                 pred_positions: torch.Tensor | None = None, *, mlm_labels: torch.Tensor | None = None,
                 mlm_weights: torch.Tensor | None = None):
         """Returns (encoded (B, L, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2)). Given ``mlm_labels`` and
-        ``mlm_weights`` (B, P), the second output is the MLM loss (a scalar, d2l's weighted mean) computed by a fused
-        vocabulary projection + cross-entropy on the real prediction slots, without the (B, P, V) logits."""
+        ``mlm_weights`` (B, P), the second output is (MLM loss, number of real slots predicted right) instead: d2l's
+        weighted mean cross-entropy from a fused vocabulary projection + cross-entropy over the real prediction
+        slots, which never holds the (B, P, V) logits."""
         encoded = self.bert(tokens, segments, valid_lens)
         mlm = self.mlm(encoded, pred_positions, mlm_labels, mlm_weights) if pred_positions is not None else None
         nsp_logits = self.nsp(self.bert.pooler(encoded))

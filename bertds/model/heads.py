@@ -11,7 +11,7 @@ LOSS_CHUNK = 256  # prediction rows per chunk of the fused vocabulary projection
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i scale_i · CE(x_i Wᵀ + b, label_i) in row chunks, so the (rows, vocab) logits never exist whole. The output
+    """(sum_i scale_i · CE(x_i Wᵀ + b, label_i), rows whose argmax is the label) in row chunks, so the (rows, vocab) logits never exist whole. The output
     is a scalar, so the gradients are computed in forward from each chunk's softmax (as Liger-Kernel's fused linear
     cross-entropy) and backward only scales them; each chunk stays in one buffer, updated in place."""
 
@@ -19,6 +19,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, labels, scale):
         grads = any(ctx.needs_input_grad[:3])
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        correct = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x) if grads else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads else None
@@ -26,6 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + LOSS_CHUNK)
             logits = torch.addmm(bias, x[rows], weight.t()).float()
             target = logits.gather(1, labels[rows, None]).squeeze(1)
+            correct += ((logits.argmax(dim=-1) == labels[rows]) & (scale[rows] > 0)).sum()
             top = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place: one (chunk, vocab) buffer for logits, exp and gradient
             total = exp.sum(dim=-1, keepdim=True)
@@ -39,19 +41,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t().float(), x[rows].float())
         if grads:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
-        return loss
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_correct):
         grad_x, grad_w, grad_b = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
         return grad_x, grad_w, grad_b, None, None
 
 
 class MLMDecoder(nn.Linear):
-    """The vocabulary projection; given labels it returns the weighted cross-entropy instead of the logits."""
+    """The vocabulary projection; given labels it returns (weighted cross-entropy, number of rows predicted right)
+    instead of the logits."""
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if labels is None:
             return super().forward(x)
         return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale)
@@ -67,9 +71,9 @@ class BertMLMHead(nn.Module):
         self.decoder = MLMDecoder(config.hidden_size, config.vocab_size)
 
     def forward(self, encoded: torch.Tensor, pred_positions: torch.Tensor, labels: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, P, V) at ``pred_positions``; given ``labels`` and ``weights`` (B, P) instead d2l's MLM loss
-        sum(w · CE) / (sum(w) + 1e-8), without materialising the logits."""
+                weights: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, P, V) at ``pred_positions``; given ``labels`` and ``weights`` (B, P) instead (d2l's MLM loss
+        sum(w · CE) / (sum(w) + 1e-8), real slots predicted right), without materialising the logits."""
         # Gather the prediction positions first: the vocabulary projection, the largest matmul of the model,
         # then runs on ~15% of the tokens instead of all of them.
         if labels is None:

@@ -1,0 +1,240 @@
+"""Training throughput of bertds through the real DeepSpeed engine: sequences/s, tokens/s, model TFLOP/s, MFU and
+data wait per step. Runs unchanged on CPU (gloo) and CUDA (nccl), with plain python or a launcher:
+
+    python bench/throughput.py --model tiny --max-len 64 --micro-batch 512
+    deepspeed --num_gpus 8 bench/throughput.py --model large --max-len 512 --micro-batch 8 --zero 2 \
+        --precision bf16 --peak-tflops 989
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bertds.data import CorpusSource, DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data  # noqa: E402
+from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from bertds.engine import micro_step  # noqa: E402
+from bertds.errors import UserError  # noqa: E402
+from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny"
+    max_len: int = 64
+    micro_batch: int = 512
+    zero: int = 0
+    precision: str = "fp32"
+    compile: bool = False
+    mlm_loss: str = "fused"  # fused: logits-free loss on the real slots; logits: bertds.engine.micro_step as is
+    warmup: int = 3
+    steps: int = 10
+    log_interval: int = 5
+    lr: float = 1e-4
+    peak_tflops: float | None = None
+    data_dir: str | None = None
+    seed: int = 0
+
+
+def ds_config(cfg: BenchConfig) -> dict:
+    # torch's fused Adam (one kernel per dtype/device group, CPU and CUDA) instead of DeepSpeed's JIT-built one;
+    # adam_w_mode False: DeepSpeed's "Adam" is AdamW otherwise.
+    adam = {"lr": cfg.lr, "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False, "fused": True}
+    config = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "Adam", "params": adam},
+              "zero_optimization": {"stage": cfg.zero}, "steps_per_print": 10 ** 9}
+    if cfg.precision != "fp32":
+        config[cfg.precision] = {"enabled": True}
+    return config
+
+
+def check(cfg: BenchConfig) -> None:
+    if cfg.model not in MODEL_PRESETS:
+        raise UserError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODEL_PRESETS)}")
+    if not 8 <= cfg.max_len <= 512:
+        raise UserError(f"--max-len {cfg.max_len} is outside 8..512")
+    if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.warmup < 0 or cfg.log_interval < 1:
+        raise UserError("--micro-batch, --steps and --log-interval must be positive, --warmup non-negative")
+    if cfg.zero not in (0, 1, 2, 3):
+        raise UserError(f"--zero {cfg.zero}: ZeRO stages are 0, 1, 2, 3")
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UserError(f"fp16 is not supported on {get_accelerator().device_name()}; use --precision bf16 or fp32")
+
+
+def fused_micro_step(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``bertds.engine.micro_step`` with the MLM loss computed inside the model (no (B, P, V) logits)."""
+    _, (mlm_loss, correct), nsp_logits = engine(
+        batch["tokens"], batch["segments"], batch["valid_len"], batch["pred_positions"],
+        mlm_labels=batch["mlm_labels"], mlm_weights=batch["mlm_weights"])
+    nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
+    engine.backward(mlm_loss + nsp_loss)
+    engine.step()
+    return {"mlm_loss": mlm_loss.detach(), "nsp_loss": nsp_loss.detach(), "mlm_correct": correct}
+
+
+STEPS = {"fused": fused_micro_step, "logits": micro_step}
+
+
+class Prefetcher:
+    """Host batches from a background thread, so the step never waits for the Arrow reads; ``wait_s`` sums the
+    time the step loop spent blocked on data (queue wait and the host-to-device copy call)."""
+
+    def __init__(self, batches, device: torch.device, depth: int = 4):
+        self.device, self.wait_s = device, 0.0
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        threading.Thread(target=lambda: [self.queue.put(b) for b in batches], daemon=True).start()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.queue.get().items()}
+        self.wait_s += time.perf_counter() - start
+        return batch
+
+
+def split_parameters(model: BertForPreTraining) -> tuple[int, int]:
+    """(weights applied to every token: encoder layers, pooler, NSP; weights applied per prediction slot: MLM head
+    with the tied decoder). Embedding tables are lookups, not matmuls, and are left out."""
+    unique = lambda module: {id(p): p.numel() for p in module.parameters()}  # noqa: E731
+    per_token = sum(unique(model.bert.encoder).values()) + sum(unique(model.bert.pooler).values())
+    per_token += sum(unique(model.nsp).values())
+    return per_token, sum(unique(model.mlm).values())
+
+
+def model_flops(config: BertConfig, per_token: int, per_slot: int, tokens: int, slots: int, seq_len: int) -> float:
+    """Training FLOPs (forward + backward = 3 × forward, 2 FLOPs per multiply-add): 6·N·tokens for the weights
+    plus attention QKᵀ and AV, 12·layers·hidden·seq_len per token."""
+    return 6 * (per_token * tokens + per_slot * slots) + 12 * config.num_layers * config.hidden_size * seq_len * tokens
+
+
+FLOPS_FORMULA = ("6·(N_tok·B·L + N_mlm·S) + 12·layers·hidden·L·B·L; N_tok = encoder+pooler+NSP weights, N_mlm = MLM "
+                 "head incl. tied decoder, S = real prediction slots, embedding lookups not counted")
+
+
+def load_batches(cfg: BenchConfig, rank: int, world_size: int):
+    data_cfg = DataConfig(data_dir=cfg.data_dir, max_len=cfg.max_len, seed=cfg.seed)
+    source = CorpusSource.resolve(data_cfg.data_dir)
+    examples = ExampleConfig(max_len=cfg.max_len, seed=cfg.seed)
+    if rank == 0:
+        prepare_pretraining_data(source, examples)
+    dist.barrier()
+    data = prepare_pretraining_data(source, examples)
+    return data, PretrainingBatches(data.examples, cfg.micro_batch, rank, world_size, seed=cfg.seed)
+
+
+def build_model(cfg: BenchConfig, vocab_size: int, pad_id: int) -> BertForPreTraining:
+    torch.manual_seed(cfg.seed)
+    return BertForPreTraining(get_config(cfg.model, vocab_size=vocab_size, pad_token_id=pad_id))
+
+
+def run(cfg: BenchConfig) -> dict:
+    check(cfg)
+    rank, world_size = init_distributed()
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.current_device_name())
+    data, batches = load_batches(cfg, rank, world_size)
+    model = build_model(cfg, len(data.vocab), data.vocab.pad_id)
+    per_token, per_slot = split_parameters(model)
+    if cfg.compile:
+        model.bert.compile()  # in place: parameter names and state-dict keys stay as they are
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg))
+    step_fn = STEPS[cfg.mlm_loss]
+    prefetch = Prefetcher(iter(batches), device)
+
+    losses = torch.zeros(2, device=device)
+    slots = torch.zeros((), device=device)
+    step_times, logged = [], []
+    for step in range(1, cfg.warmup + cfg.steps + 1):
+        if step == cfg.warmup + 1:
+            accelerator.synchronize()
+            prefetch.wait_s = 0.0
+            slots.zero_()
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        batch = prefetch.next()
+        stats = step_fn(engine, batch)
+        losses += torch.stack([stats["mlm_loss"], stats["nsp_loss"]])
+        slots += (batch["mlm_weights"] > 0).sum()
+        if step % cfg.log_interval == 0:  # the only host-device sync of the loop
+            logged.append((step, *(losses / cfg.log_interval).tolist()))
+            losses.zero_()
+        step_times.append(time.perf_counter() - t0)
+    accelerator.synchronize()
+    elapsed = time.perf_counter() - start
+
+    sequences = cfg.micro_batch * cfg.steps
+    totals = torch.tensor([sequences, sequences * cfg.max_len, slots.item(), prefetch.wait_s, elapsed],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # sums over ranks (wait and elapsed: averaged below)
+    sequences, tokens, slots_total, wait_s, elapsed = totals.tolist()
+    wait_s, elapsed = wait_s / world_size, elapsed / world_size
+    flops = model_flops(model.config, per_token, per_slot, int(tokens), int(slots_total), cfg.max_len)
+    tflops_per_device = flops / elapsed / world_size / 1e12
+    result = {"step_s": elapsed / cfg.steps, "sequences_per_s": sequences / elapsed, "tokens_per_s": tokens / elapsed,
+              "tflops_per_device": tflops_per_device, "data_wait_pct": 100 * wait_s / elapsed,
+              "mfu_pct": 100 * tflops_per_device / cfg.peak_tflops if cfg.peak_tflops else None,
+              "median_step_s": statistics.median(step_times[cfg.warmup:]), "losses": logged,
+              "world_size": world_size, "device": str(device)}
+    if rank == 0:
+        print(f"bertds throughput | model {cfg.model} | max_len {cfg.max_len} | micro batch {cfg.micro_batch} × "
+              f"{world_size} rank(s) on {device.type} | ZeRO-{cfg.zero} | {cfg.precision} | "
+              f"{'compiled' if cfg.compile else 'eager'} | MLM loss {cfg.mlm_loss} | threads/rank "
+              f"{torch.get_num_threads()}")
+        for step, mlm, nsp in logged:
+            print(f"step {step:>4} | mlm {mlm:.3f} | nsp {nsp:.3f}")
+        print(f"{cfg.warmup} warm-up + {cfg.steps} timed steps: {result['step_s']:.3f} s/step (median "
+              f"{result['median_step_s']:.3f}) | {result['sequences_per_s']:.1f} sequences/s | "
+              f"{result['tokens_per_s']:.0f} tokens/s (padded) | data wait {result['data_wait_pct']:.2f}% of step time")
+        print(f"model FLOPs {flops / cfg.steps:.3e}/step = {FLOPS_FORMULA}")
+        mfu = f"{result['mfu_pct']:.1f}% of {cfg.peak_tflops} TFLOP/s" if cfg.peak_tflops else "n/a (--peak-tflops)"
+        print(f"achieved {tflops_per_device:.3f} TFLOP/s per device | MFU {mfu}")
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help=f"one of {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=512, help="sequences per rank per step")
+    p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--mlm-loss", choices=list(STEPS), default="fused",
+                   help="fused: MLM loss inside the model on real slots; logits: bertds.engine.micro_step")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--log-interval", type=int, default=5, help="steps between loss reads (host syncs)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --precision, for MFU")
+    p.add_argument("--data-dir", help="WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = vars(p.parse_args(argv))
+    args.pop("local_rank")
+    return BenchConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
