@@ -1,0 +1,43 @@
+"""Print BERT representations of a text or a text pair:
+
+    python -m bertds.encode --checkpoint runs/pretrain "a crane is flying" [--pair "he just left"] [--json]
+"""
+import argparse
+import json
+import sys
+
+from bertds.encode import encode, pack
+from bertds.errors import UserError
+
+SHOWN_ELEMENTS = 8  # of the <cls> vector, in the plain-text output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", help="the (first) text")
+    parser.add_argument("--pair", help="a second text: encodes <cls> text <sep> pair <sep> with segments 0/1")
+    parser.add_argument("--checkpoint", required=True, help="finished run directory or DeepSpeed checkpoint")
+    parser.add_argument("--json", action="store_true", help="print tokens, segments and all vectors as JSON")
+    args = parser.parse_args(argv)
+    try:
+        from bertds.export import load_checkpoint
+        model, vocab = load_checkpoint(args.checkpoint)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    ids, segments = pack(vocab, args.text, args.pair)
+    encoded = encode(model, vocab, args.text, args.pair)[0]
+    tokens = [vocab.tokenizer.id_to_token(i) for i in ids]
+    if args.json:
+        print(json.dumps({"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape],
+                          "vectors": encoded.tolist()}))
+        return 0
+    print(f"tokens: {' '.join(tokens)}")
+    print(f"shape: {tuple([1, *encoded.shape])}")
+    shown = ", ".join(f"{x:.4f}" for x in encoded[0, :SHOWN_ELEMENTS].tolist())
+    print(f"{tokens[0]} vector[:{SHOWN_ELEMENTS}]: [{shown}, ...]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
