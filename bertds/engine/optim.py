@@ -82,24 +82,25 @@ def adapt_optimization(ds_config: dict, max_steps: int):
     if optimizer is not None:
         kind = optimizer.get("type", "").lower()
         if kind == "lamb" and not _fused_lamb_available():
-            params = dict(optimizer.get("params", {}))
-            params.pop("max_grad_norm", None)  # clipping is DeepSpeed's gradient_clipping
+            lamb_params = dict(optimizer.get("params", {}))
+            lamb_params.pop("max_grad_norm", None)  # clipping is DeepSpeed's gradient_clipping
             config.pop("optimizer")
-            optimizer_factory = lambda model_params: Lamb(model_params, **params)  # noqa: E731
+            config["zero_allow_untested_optimizer"] = True  # ZeRO wraps any torch optimizer; this one is tested
+            optimizer_factory = lambda model_params: Lamb(model_params, **lamb_params)  # noqa: E731
         elif kind in ("adam", "adamw") and on_cpu:
             optimizer.setdefault("params", {}).setdefault("torch_adam", True)
     scheduler = config.get("scheduler")
     if scheduler is not None:
-        params = scheduler.setdefault("params", {})
+        schedule = scheduler.setdefault("params", {})
         if scheduler.get("type") == "PolyWarmup":
             config.pop("scheduler")
-            warmup = params.get("warmup_num_steps", 0)
-            total = params.get("total_num_steps", max_steps)
-            power = params.get("power", 0.5)
+            warmup = schedule.get("warmup_num_steps", 0)
+            total = schedule.get("total_num_steps", max_steps)
+            power = schedule.get("power", 0.5)
             scheduler_factory = lambda opt: LambdaLR(  # noqa: E731
                 opt, lambda step: poly_warmup_factor(step, warmup, total, power))
         elif scheduler.get("type") == "WarmupDecayLR":
-            params.setdefault("total_num_steps", max_steps)
+            schedule.setdefault("total_num_steps", max_steps)
     if config.get("fp16", {}).get("enabled") and not get_accelerator().is_fp16_supported():
         raise UserError(f"fp16 is not supported on this {get_accelerator().device_name()} accelerator; "
                         "use a bf16 or fp32 DeepSpeed config (e.g. ds_configs/tiny_cpu.json)")
