@@ -27,8 +27,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + LOSS_CHUNK)
             logits = torch.addmm(bias, x[rows], weight.t()).float()
             target = logits.gather(1, labels[rows, None]).squeeze(1)
-            correct += ((logits.argmax(dim=-1) == labels[rows]) & (scale[rows] > 0)).sum()
             top = logits.amax(dim=-1, keepdim=True)
+            correct += ((target >= top.squeeze(1)) & (scale[rows] > 0)).sum()  # the label is the argmax
             exp = logits.sub_(top).exp_()  # in place: one (chunk, vocab) buffer for logits, exp and gradient
             total = exp.sum(dim=-1, keepdim=True)
             loss += ((top + total.log()).squeeze(1) - target).mul(scale[rows]).sum()

@@ -1,0 +1,120 @@
+"""Correctness guards of the fast paths (no timing): each fast path computes what the straightforward one does."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bertds.model import BertForPreTraining, get_config
+from bertds.model.heads import _LinearCrossEntropy
+from bertds.model.layers import BertSelfAttention, key_padding_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reference_bert import BERTModel, MultiHeadAttention, load_bertds_state_dict, pretraining_loss  # noqa: E402
+
+VOCAB = 300
+
+
+def make_batch(batch=4, seq_len=24, preds=4, seed=0):
+    """d2l-format batch: padded rows, prediction slots padded with position 0 and weight 0."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.tensor([24, 17, 9, 12])[:batch]
+    tokens = torch.randint(5, VOCAB, (batch, seq_len), generator=g)
+    tokens[torch.arange(seq_len)[None, :] >= valid[:, None]] = 1
+    segments = ((torch.arange(seq_len)[None, :] >= valid[:, None] // 2)
+                & (torch.arange(seq_len)[None, :] < valid[:, None])).long()
+    positions = torch.stack([torch.randperm(int(n) - 2, generator=g)[:preds] + 1 for n in valid])
+    weights = torch.ones(batch, preds)
+    weights[1, 3:] = 0
+    weights[2, 1:] = 0
+    positions[weights == 0] = 0
+    labels = torch.randint(5, VOCAB, (batch, preds), generator=g) * weights.long()
+    return {"tokens": tokens, "segments": segments, "valid_len": valid, "pred_positions": positions,
+            "mlm_labels": labels, "mlm_weights": weights, "nsp_label": torch.tensor([1, 0, 1, 0])[:batch]}
+
+
+def test_sdpa_attention_equals_explicit_masked_softmax_with_padding():
+    torch.manual_seed(0)
+    config = get_config("small", vocab_size=VOCAB)
+    sdpa = BertSelfAttention(config).eval()
+    explicit = MultiHeadAttention(config.hidden_size, config.num_heads, 0.0).eval()
+    with torch.no_grad():
+        for kind in ("weight", "bias"):
+            for proj, part in zip((explicit.W_q, explicit.W_k, explicit.W_v), getattr(sdpa.qkv, kind).chunk(3)):
+                getattr(proj, kind).copy_(part)
+            getattr(explicit.W_o, kind).copy_(getattr(sdpa.dense, kind))
+    x = torch.randn(4, 24, config.hidden_size)
+    valid = torch.tensor([24, 17, 9, 1])
+    ours = sdpa(x, key_padding_mask(valid, 24))
+    theirs = explicit(x, x, x, valid)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_fused_mlm_loss_equals_logits_loss_in_value_gradients_and_accuracy():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+    b = make_batch()
+    args = (b["tokens"], b["segments"], b["valid_len"], b["pred_positions"])
+    _, logits, nsp_logits = model(*args)
+    w = b["mlm_weights"].reshape(-1)
+    expected = (F.cross_entropy(logits.flatten(0, 1), b["mlm_labels"].reshape(-1), reduction="none") * w).sum()
+    expected = expected / (w.sum() + 1e-8)
+    expected_correct = ((logits.argmax(-1) == b["mlm_labels"]).float() * b["mlm_weights"]).sum()
+    (expected + F.cross_entropy(nsp_logits, b["nsp_label"])).backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, (loss, correct), nsp_logits = model(*args, mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
+    (loss + F.cross_entropy(nsp_logits, b["nsp_label"])).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert correct.item() == expected_correct.item()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_linear_cross_entropy_with_zero_scaled_rows_across_chunks(monkeypatch):
+    # The accelerator path keeps padded slots with scale 0; chunks smaller than the rows exercise the loop.
+    monkeypatch.setattr("bertds.model.heads.LOSS_CHUNK", 7)
+    torch.manual_seed(0)
+    x = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    labels = torch.randint(0, 50, (20,))
+    scale = torch.rand(20) * (torch.arange(20) % 3 != 0)
+    loss, correct = _LinearCrossEntropy.apply(x, weight, bias, labels, scale)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, weight, bias)]
+    for t in (x, weight, bias):
+        t.grad = None
+    logits = F.linear(x, weight, bias)
+    expected = (F.cross_entropy(logits, labels, reduction="none") * scale).sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    assert correct.item() == ((logits.argmax(-1) == labels) & (scale > 0)).sum().item()
+    for got, t in zip(grads, (x, weight, bias)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_reference_bert_is_the_same_computation():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, pad_token_id=1)).eval()
+    reference = BERTModel(model.config).eval()
+    load_bertds_state_dict(reference, model.state_dict())
+    b = make_batch()
+    _, (mlm, _), nsp_logits = model(b["tokens"], b["segments"], b["valid_len"], b["pred_positions"],
+                                    mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
+    ours = mlm + F.cross_entropy(nsp_logits, b["nsp_label"])
+    torch.testing.assert_close(ours, pretraining_loss(reference, b, VOCAB), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_encoder_gives_the_same_loss_as_eager():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB)).eval()
+    b = make_batch()
+    args = (b["tokens"], b["segments"], b["valid_len"], b["pred_positions"])
+    kwargs = {"mlm_labels": b["mlm_labels"], "mlm_weights": b["mlm_weights"]}
+    eager = model(*args, **kwargs)[1][0]
+    keys = list(model.state_dict())
+    model.bert.compile()
+    compiled = model(*args, **kwargs)[1][0]
+    assert list(model.state_dict()) == keys  # compiled in place: the checkpoint names stay
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
