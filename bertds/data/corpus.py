@@ -1,12 +1,22 @@
-"""WikiText-2 lines from a local directory or the Hugging Face hub, and d2l's paragraph/sentence split."""
+"""Corpora: WikiText-2 lines from a local directory or the Hugging Face hub with d2l's paragraph/sentence split
+(the default), and, for the original-BERT recipe, documents from WikiText-2/103 (tokens or raw), local ``.txt`` /
+``.jsonl`` / ``.parquet`` files or a hub dataset, read whole or streamed.
+
+A document is the text of one article: in WikiText the lines between two ``" = Title = "`` lines, in other text
+files the lines between blank lines (Google's BERT input format), in ``.jsonl`` / ``.parquet`` / hub datasets the
+``text`` field of one row. Paragraphs inside a document are separated by ``\n``.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from bertds.errors import UserError
 
@@ -74,3 +84,150 @@ def load_paragraphs(source: CorpusSource, split: str = "train") -> datasets.Data
         raise UserError(f"the {split} split of {source.describe()} has no paragraph with two or more sentences "
                         "(sentences are separated by ' . '); check that it is WikiText-2 text")
     return paragraphs
+
+
+# --- documents, for the original-BERT recipe ---------------------------------------------------------------------
+
+WIKITEXT_NAMES = {"wikitext-2": ("wikitext-2-v1", "tokens"), "wikitext-103": ("wikitext-103-v1", "tokens"),
+                  "wikitext-2-raw": ("wikitext-2-raw-v1", "raw"), "wikitext-103-raw": ("wikitext-103-raw-v1", "raw")}
+FILE_SUFFIXES = (".txt", ".tokens", ".raw", ".jsonl", ".json", ".parquet")
+HUB_PREFIX = "hub:"
+WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Text to pretrain on: local files, or a hub dataset (``hub`` = (name, config or None))."""
+
+    files: tuple[Path, ...] = ()
+    hub: tuple[str, str | None] | None = None
+    split: str = "train"
+    wikitext: bool = False  # " = Title = " documents and "<unk>" for unknown words
+
+    def fingerprint(self) -> str:
+        if self.hub is not None:
+            return f"hub:{self.hub[0]}:{self.hub[1]}:{self.split}"
+        digest = hashlib.sha256()
+        for path in self.files:
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        if self.hub is not None:
+            return f"hub {self.hub[0]}" + (f" ({self.hub[1]})" if self.hub[1] else "") + f" {self.split}"
+        return ", ".join(map(str, self.files))
+
+    def documents(self, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+        """One row per document (column ``text``), in corpus order. Streaming reads lazily, one shard per file,
+        so ``split_dataset_by_node`` gives each rank whole files (or every world_size-th document)."""
+        kwargs = {"sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
+                  "split": self.split, "wikitext": self.wikitext}
+        if streaming:
+            return datasets.IterableDataset.from_generator(_documents, gen_kwargs=kwargs)
+        return datasets.Dataset.from_dict({"text": [row["text"] for row in _documents(**kwargs)]})
+
+    def lines(self) -> list[str]:
+        """All lines (WikiText) or paragraphs of the corpus, for the d2l recipe."""
+        if self.hub is not None:
+            return datasets.load_dataset(*self.hub, split=self.split)["text"]
+        lines: list[str] = []
+        for path in self.files:
+            if path.suffix in (".jsonl", ".json", ".parquet"):
+                lines += [line for row in _documents([str(path)], self.split, False) for line in row["text"].split("\n")]
+            else:
+                lines += path.read_text(encoding="utf-8").splitlines()
+        return lines
+
+
+def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: str = "train") -> Corpus:
+    """``--corpus`` values: None (WikiText-2 from --data-dir, env BERTDS_DATA_DIR or the hub), a WikiText name
+    (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
+    or local files / directories of .txt, .jsonl, .parquet files."""
+    if not names:
+        source = CorpusSource.resolve(data_dir)
+        if source.data_dir is None:
+            return Corpus(hub=HUB_DATASET, split=split, wikitext=True)
+        return Corpus(files=(source.file(split),), split=split, wikitext=True)
+    if len(names) == 1 and names[0] in WIKITEXT_NAMES:
+        config, kind = WIKITEXT_NAMES[names[0]]
+        chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+        if not chosen:
+            return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True)
+        path = Path(chosen).expanduser() / WIKITEXT_FILES[split].replace(".tokens", f".{kind}")
+        if not path.is_file():
+            raise UserError(f"{path} is missing; point --data-dir at the {names[0]} files, or leave it unset "
+                            "to download from the hub")
+        return Corpus(files=(path,), split=split, wikitext=True)
+    if len(names) == 1 and names[0].startswith(HUB_PREFIX):
+        name, _, config = names[0][len(HUB_PREFIX):].partition(":")
+        return Corpus(hub=(name, config or None), split=split, wikitext=name == HUB_DATASET[0])
+    files: list[Path] = []
+    for name in names:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
+            wikitext_file = path / WIKITEXT_FILES[split]
+            files += [wikitext_file] if wikitext_file.is_file() else found
+            if not found:
+                raise UserError(f"corpus directory {path} holds no {'/'.join(FILE_SUFFIXES)} files")
+        elif path.is_file():
+            if path.suffix not in FILE_SUFFIXES:
+                raise UserError(f"corpus file {path}: unknown format; use {', '.join(FILE_SUFFIXES)} files")
+            files.append(path)
+        else:
+            raise UserError(f"corpus {name} does not exist; pass local files or directories, "
+                            f"{', '.join(WIKITEXT_NAMES)}, or {HUB_PREFIX}NAME for a Hugging Face hub dataset")
+    empty = [str(p) for p in files if p.stat().st_size == 0]
+    if empty:
+        raise UserError(f"corpus file(s) {', '.join(empty)} are empty; remove them from --corpus")
+    return Corpus(files=tuple(files), split=split, wikitext=any(p.name.startswith("wiki.") for p in files))
+
+
+def _group_lines(lines, wikitext: bool):
+    """Lines -> documents: WikiText titles start a document; elsewhere blank lines end one."""
+    document: list[str] = []
+    for line in lines:
+        if wikitext and WIKITEXT_TITLE.match(line.rstrip("\n")) and document:
+            yield {"text": "\n".join(document)}
+            document = []
+        if line.strip():
+            document.append(line.strip())
+        elif not wikitext and document:
+            yield {"text": "\n".join(document)}
+            document = []
+    if document:
+        yield {"text": "\n".join(document)}
+
+
+def _documents(sources: list, split: str, wikitext: bool):
+    for source in sources:
+        if isinstance(source, (tuple, list)):  # a hub dataset
+            rows = datasets.load_dataset(source[0], source[1], split=split, streaming=True)
+            if wikitext:
+                yield from _group_lines((row["text"] for row in rows), wikitext=True)
+            else:
+                yield from ({"text": row["text"]} for row in rows if row["text"].strip())
+            continue
+        path = Path(source)
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            text = json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise UserError(f"{path}:{number} is not a JSON object with a \"text\" field; "
+                                            "write one {\"text\": ...} document per line") from None
+                        if text.strip():
+                            yield {"text": text}
+        elif path.suffix == ".parquet":
+            table = pq.ParquetFile(path)
+            if "text" not in table.schema_arrow.names:
+                raise UserError(f"{path} has no \"text\" column (columns: {', '.join(table.schema_arrow.names)})")
+            for batch in table.iter_batches(columns=["text"], batch_size=1024):
+                yield from ({"text": t} for t in batch.column(0).to_pylist() if t and t.strip())
+        else:
+            with path.open(encoding="utf-8") as f:
+                yield from _group_lines(f, wikitext)

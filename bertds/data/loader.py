@@ -1,115 +1,186 @@
-"""Prepared pretraining data: built once, cached on disk as Arrow, memory-mapped, sharded per rank."""
+"""Prepared pretraining data for training: built once (or read from the cache / a prepared directory),
+memory-mapped, split into disjoint rank shards, served as fixed-shape micro-batches."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
-from deepspeed.accelerator import get_accelerator
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader, Dataset
 
 from bertds.data.config import DataConfig
-from bertds.data.corpus import CorpusSource, load_paragraphs
-from bertds.data.examples import ExampleConfig, make_examples
+from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
+from bertds.data.examples import ExampleConfig
+from bertds.data.masking import MaskingSpec, hashed_uniforms, mask_tokens
+from bertds.data.prepare import (MANIFEST, PreparedData, TokenizerChoice, _as_corpus, cache_path, finish,
+                                 in_memory_dataset, load_prepared, obtain_vocab, prepare_directory, recipe_of,
+                                 write_examples, d2l_columns)
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 
-PIPELINE_VERSION = 1  # bump when the example semantics change, so stale caches are not reused
 CACHE_DIR_ENV = "BERTDS_CACHE_DIR"
-MANIFEST = "manifest.json"
+# PretrainingBatches reads the dynamic-masking spec from this attribute of the examples when the caller does not
+# pass one (the engine passes only the examples).
+DYNAMIC_MASKING_ATTR = "bertds_dynamic_masking"
+
+__all__ = ["PreparedData", "PretrainingBatches", "build_examples", "default_cache_dir", "prepare_for_training",
+           "prepare_pretraining_data", "rank_range"]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "bertds"))
 
 
-@dataclass
-class PreparedData:
-    examples: datasets.Dataset
-    vocab: Vocab
-    path: Path
-    from_cache: bool
-
-
-def _tokenize_paragraphs(batch: dict, vocab: Vocab) -> dict:
-    sentences = [s for paragraph in batch["sentences"] for s in paragraph]
-    ids = iter(vocab.encode(sentences))
-    return {"sentence_ids": [[next(ids) for _ in paragraph] for paragraph in batch["sentences"]]}
-
-
-def build_examples(source: CorpusSource, config: ExampleConfig, split: str = "train",
-                   min_freq: int = 5) -> tuple[datasets.Dataset, Vocab]:
-    """Corpus -> paragraphs -> word vocabulary -> token ids -> NSP/MLM examples, all in memory."""
-    paragraphs = load_paragraphs(source, split)
-    vocab = Vocab.train_word_level((s for batch in paragraphs.iter(1000) for p in batch["sentences"] for s in p),
-                                   min_freq=min_freq)
-    paragraph_ids = paragraphs.map(_tokenize_paragraphs, batched=True, fn_kwargs={"vocab": vocab},
-                                   remove_columns=["sentences"], keep_in_memory=True,
-                                   new_fingerprint=f"ids-{vocab.fingerprint()}", desc="tokenizing")
-    examples = make_examples(paragraph_ids, vocab, config)
-    if len(examples) == 0:
-        raise UserError(f"no sentence pair of {source.describe()} fits in max_len {config.max_len}; "
+def build_examples(source: Corpus | CorpusSource, config: ExampleConfig, split: str = "train",
+                   min_freq: int = 5, tokenizer: str = "word", vocab_size: int = 30522,
+                   streaming: bool = False) -> tuple[datasets.Dataset, Vocab]:
+    """Corpus -> vocabulary -> token ids -> examples, all in memory (no cache)."""
+    corpus, choice = _as_corpus(source, split), TokenizerChoice(tokenizer, vocab_size, min_freq)
+    if config.recipe == "d2l":
+        columns, vocab = d2l_columns(corpus, None, choice, config, None)
+        parts = [columns]
+    else:
+        from bertds.data.prepare import _check_recipe, bert_chunks
+        _check_recipe(config, streaming)
+        vocab = obtain_vocab(corpus, choice, None)
+        parts = list(bert_chunks(corpus, vocab, config, streaming))
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    if not parts or len(columns["tokens"]) == 0:
+        raise UserError(f"no sentence pair of {corpus.describe()} fits in max_len {config.max_len}; "
                         "raise --max-len or pass --truncate")
-    return examples, vocab
+    return in_memory_dataset(columns, config), vocab
 
 
-def prepare_pretraining_data(source: CorpusSource, config: ExampleConfig, cache_dir: str | Path | None = None,
-                             split: str = "train", min_freq: int = 5) -> PreparedData:
-    """The examples from the cache when present, else built and cached (written to a temporary directory
-    first and renamed, so an interrupted build never looks complete)."""
-    recipe = {"version": PIPELINE_VERSION, "corpus": source.fingerprint(split), "split": split,
-              "min_freq": min_freq, **asdict(config)}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()) / f"wikitext2-{split}-len{config.max_len}-{key}"
-    if (path / MANIFEST).is_file():
-        return PreparedData(datasets.load_from_disk(str(path / "examples")), Vocab.load(path), path, True)
+def prepare_pretraining_data(source: Corpus | CorpusSource, config: ExampleConfig,
+                             cache_dir: str | Path | None = None, split: str = "train", min_freq: int = 5,
+                             tokenizer: str = "word", vocab_size: int = 30522,
+                             streaming: bool = False) -> PreparedData:
+    """The examples from the cache when present, else prepared into it (one process)."""
+    corpus, choice = _as_corpus(source, split), TokenizerChoice(tokenizer, vocab_size, min_freq)
+    cache = Path(cache_dir or default_cache_dir())
+    return _attach(prepare_directory(corpus, choice, config, cache_path(corpus, choice, config, cache),
+                                     streaming, cache))
 
-    examples, vocab = build_examples(source, config, split, min_freq)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    examples.save_to_disk(str(tmp / "examples"))
-    vocab.save(tmp)
-    manifest = {**recipe, "source": source.describe(), "num_examples": len(examples), "vocab_size": len(vocab)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if path.exists() and not (path / MANIFEST).is_file():
-        shutil.rmtree(path)  # an incomplete directory of ours (no manifest): never valid, safe to replace
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished the same build first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return PreparedData(datasets.load_from_disk(str(path / "examples")), Vocab.load(path), path, False)
+
+def _attach(data: PreparedData) -> PreparedData:
+    setattr(data.examples, DYNAMIC_MASKING_ATTR, data.masking)
+    return data
+
+
+def example_config(config: DataConfig) -> ExampleConfig:
+    return ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate, recipe=config.recipe,
+                         sentence_task=config.sentence_task, short_seq_prob=config.short_seq_prob,
+                         max_predictions_per_seq=config.max_predictions, whole_word_masking=config.whole_word_masking,
+                         dynamic_masking=config.masking == "dynamic", dupe_factor=config.dupe_factor)
+
+
+def _check_prepared_matches(data: PreparedData, config: DataConfig) -> None:
+    """A prepared directory fixes the tokenizer and max_len; flags asking for others are refused."""
+    manifest = data.manifest or {}
+    if manifest.get("max_len") != config.max_len:
+        raise UserError(f"--prepared {data.path} holds max_len {manifest.get('max_len')} examples, not --max-len "
+                        f"{config.max_len}; pass --max-len {manifest.get('max_len')} or prepare the data again")
+    if config.tokenizer not in ("word", "wordpiece"):
+        wanted = Vocab.from_file(config.tokenizer)
+        if wanted.fingerprint() != data.vocab.fingerprint():
+            raise UserError(f"--prepared {data.path} was tokenized with another tokenizer than --tokenizer "
+                            f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
+    elif config.tokenizer != "word" and manifest.get("tokenizer", {}).get("kind") != config.tokenizer:
+        raise UserError(f"--prepared {data.path} was tokenized with {manifest.get('tokenizer')}, not --tokenizer "
+                        f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
 
 
 def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
-    """Rank 0 builds the cache (if missing) while the other ranks wait; then every rank memory-maps it."""
-    source = CorpusSource.resolve(config.data_dir)
-    examples = ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate)
-    if rank == 0:
-        prepare_pretraining_data(source, examples, config.cache_dir)
-    if dist.is_initialized():
+    """Rank 0 builds the cache (if missing) while the other ranks wait; then every rank memory-maps it. With
+    ``--streaming`` every rank prepares its own disjoint part of the corpus into one shared directory."""
+    if config.prepared:
+        data = load_prepared(config.prepared)
+        _check_prepared_matches(data, config)
+        return _attach(data)
+    corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
+    choice = TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq)
+    examples = example_config(config)
+    cache = Path(config.cache_dir or default_cache_dir())
+    path = cache_path(corpus, choice, examples, cache)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if not (config.streaming and world_size > 1):
+        if rank == 0:
+            prepare_directory(corpus, choice, examples, path, config.streaming, cache)
+        if dist.is_initialized():
+            dist.barrier()
+        return _attach(load_prepared(path, from_cache=True))
+    if not (path / MANIFEST).is_file():  # every rank reads world_size-th of the documents
+        vocab = obtain_vocab(corpus, choice, cache) if rank == 0 else None
         dist.barrier()
-    return prepare_pretraining_data(source, examples, config.cache_dir)
+        vocab = vocab or obtain_vocab(corpus, choice, cache)
+        nonce = [uuid.uuid4().hex if rank == 0 else None]
+        dist.broadcast_object_list(nonce, src=0)
+        tmp = path.with_name(f"{path.name}.tmp-{nonce[0]}")
+        write_examples(tmp, corpus, vocab, choice, examples, True, cache, rank, world_size)
+        dist.barrier()
+        if rank == 0:
+            try:
+                finish(tmp, path, corpus, vocab, examples, recipe_of(corpus, choice, examples), True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return _attach(load_prepared(path, from_cache=True))
+
+
+def rank_range(num_examples: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of the examples: sizes differ by at most one, together they are all."""
+    base, extra = divmod(num_examples, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+class _MaskingShard(Dataset):
+    """Fetches one micro-batch (an index list) with a single Arrow take; with dynamic masking draws its masks
+    from (seed, epoch, global example index)."""
+
+    def __init__(self, shard: datasets.Dataset, offset: int, masking: MaskingSpec | None, seed: int):
+        self.shard, self.offset, self.masking, self.seed = shard, offset, masking, seed
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
+        epoch, indices = key
+        batch = self.shard[indices]
+        if self.masking is not None:
+            index = np.asarray(indices, dtype=np.int64) + self.offset
+            tokens = np.array(batch["tokens"])  # a writable copy
+            masks = mask_tokens(tokens, np.asarray(batch["segments"]), np.asarray(batch["valid_len"]),
+                                self.masking, hashed_uniforms(self.seed, epoch, index))
+            batch = {**batch, "tokens": tokens, **masks}
+        # Integer columns as int64, as gathers and the NSP loss index with them.
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
+                for k, v in batch.items()}
 
 
 class PretrainingBatches:
     """Endless micro-batches from one rank's contiguous shard of the examples, reshuffled every epoch with a
     generator seeded by (seed, epoch): the same seed gives the same order on every run. ``state_dict`` holds the
-    position (epoch, batches consumed in it), so a resumed run continues with exactly the next batch."""
+    position (epoch, batches consumed in it), so a resumed run continues with exactly the next batch. With
+    dynamic masking (``masking``, or the spec ``prepare_for_training`` attached to the examples) the masks are
+    drawn per batch from (seed, epoch, example index): also exact on resume."""
 
     def __init__(self, examples: datasets.Dataset, micro_batch: int, rank: int, world_size: int,
-                 seed: int = 0, num_workers: int = 0):
-        self.shard = split_dataset_by_node(examples, rank=rank, world_size=world_size).with_format("torch")
+                 seed: int = 0, num_workers: int = 0, masking: MaskingSpec | None = None):
+        share = rank_range(len(examples), rank, world_size)
+        self.shard = examples.select(share).with_format("numpy")
         if len(self.shard) < micro_batch:
             raise UserError(f"rank {rank} holds {len(self.shard)} examples, fewer than the micro batch "
                             f"{micro_batch}; lower the batch size or use a larger corpus")
+        self.masking = masking if masking is not None else getattr(examples, DYNAMIC_MASKING_ATTR, None)
+        self.offset = share.start
         self.micro_batch, self.seed, self.num_workers = micro_batch, seed, num_workers
         self.epoch, self.batches_done = 0, 0
 
@@ -129,13 +200,15 @@ class PretrainingBatches:
         return [order[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.batches_per_epoch)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        source = _MaskingShard(self.shard, self.offset, self.masking, self.seed)
         while True:
-            remaining = self._epoch_batches(self.epoch)[self.batches_done:]
-            # batch_size=None: each sampled index list is fetched with one Arrow take, already stacked.
+            remaining = [(self.epoch, b) for b in self._epoch_batches(self.epoch)[self.batches_done:]]
+            # batch_size=None: each sampled index list is one already-stacked batch.
             # A private generator: creating an iterator must not draw from the global torch RNG (dropout's),
             # or a run resumed mid-epoch would see different dropout masks than one never interrupted.
-            loader = DataLoader(self.shard, sampler=remaining, batch_size=None, num_workers=self.num_workers,
+            loader = DataLoader(source, sampler=remaining, batch_size=None, num_workers=self.num_workers,
                                 pin_memory=get_accelerator().device_name() != "cpu",
+                                prefetch_factor=4 if self.num_workers else None,
                                 generator=torch.Generator().manual_seed(self.seed))
             for batch in loader:
                 self.batches_done += 1

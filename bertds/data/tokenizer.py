@@ -1,27 +1,51 @@
 """Vocabularies as Hugging Face ``tokenizers`` objects.
 
-The default is d2l's word-level vocabulary: whitespace-split words seen at least ``min_freq`` times, plus the
-reserved tokens ``<unk> <pad> <mask> <cls> <sep>`` at ids 0-4.
+Three kinds (``--tokenizer``):
+
+- ``word`` (default): d2l's word-level vocabulary, whitespace-split words seen at least ``min_freq`` times plus the
+  reserved tokens ``<unk> <pad> <mask> <cls> <sep>`` at ids 0-4;
+- ``wordpiece``: WordPiece trained on the corpus with ``tokenizers`` (lower-cased, BERT's special tokens at the ids
+  of Google's BERT vocabularies: ``[PAD]`` 0, ``[unused0-98]`` 1-99, ``[UNK]`` 100, ``[CLS]`` 101, ``[SEP]`` 102,
+  ``[MASK]`` 103);
+- a path: an existing BERT ``vocab.txt`` (cased when it holds capitalised words) or a ``tokenizer.json``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from bertds.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 D2L_SPECIAL_TOKENS = {"unk": "<unk>", "pad": "<pad>", "mask": "<mask>", "cls": "<cls>", "sep": "<sep>"}
+BERT_SPECIAL_TOKENS = {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"}
+# Google's vocab.txt layout, so that pad 0 / cls 101 / sep 102 / mask 103 hold for trained vocabularies too.
+BERT_RESERVED = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_KINDS = ("word", "wordpiece")
+DEFAULT_WORDPIECE_VOCAB = 30522
+
+
+def _special_tokens_of(tokenizer: Tokenizer) -> dict[str, str]:
+    for candidate in (D2L_SPECIAL_TOKENS, BERT_SPECIAL_TOKENS):
+        if all(tokenizer.token_to_id(t) is not None for t in candidate.values()):
+            return candidate
+    return D2L_SPECIAL_TOKENS  # Vocab() then names the missing tokens
 
 
 class Vocab:
     """A ``tokenizers.Tokenizer`` plus the ids of the special tokens BERT needs."""
 
-    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str] = D2L_SPECIAL_TOKENS):
+    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str] | None = None):
+        special_tokens = special_tokens or _special_tokens_of(tokenizer)
         self.tokenizer = tokenizer
         self.special_tokens = dict(special_tokens)
         ids = {role: tokenizer.token_to_id(token) for role, token in special_tokens.items()}
@@ -36,7 +60,12 @@ class Vocab:
     def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> "Vocab":
         # Counted here rather than with tokenizers' WordLevelTrainer: that trainer gives a corpus word equal to
         # a special token (WikiText is full of "<unk>") a second id and leaves a hole at the special's id.
-        counts = Counter(word for sentence in sentences for word in sentence.lower().split())
+        return cls.from_word_counts(Counter(word for sentence in sentences for word in sentence.lower().split()),
+                                    min_freq)
+
+    @classmethod
+    def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> "Vocab":
+        """d2l's vocabulary from lower-cased word counts: the reserved tokens, then words by falling count."""
         reserved = list(D2L_SPECIAL_TOKENS.values())
         words = sorted((w for w, n in counts.items() if n >= min_freq and w not in reserved),
                        key=lambda w: (-counts[w], w))
@@ -44,14 +73,82 @@ class Vocab:
         tokenizer = Tokenizer(models.WordLevel(vocab=token_to_id, unk_token=D2L_SPECIAL_TOKENS["unk"]))
         tokenizer.normalizer = normalizers.Lowercase()
         tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        return cls(tokenizer)
+        return cls(tokenizer, D2L_SPECIAL_TOKENS)
+
+    @classmethod
+    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
+                        lowercase: bool = True) -> "Vocab":
+        """WordPiece trained on ``texts`` with BERT's normaliser and pre-tokenizer; exactly ``vocab_size`` tokens
+        unless the corpus is too small to make that many (then a UserError says so)."""
+        if vocab_size <= len(BERT_RESERVED):
+            raise UserError(f"--vocab-size {vocab_size} leaves no room beside BERT's {len(BERT_RESERVED)} "
+                            "reserved tokens; use e.g. 30522")
+        wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
+        wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=BERT_RESERVED,
+                                      show_progress=False)
+        vocab = cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
+        if len(vocab) != vocab_size:
+            raise UserError(f"the corpus only supports a WordPiece vocabulary of {len(vocab)} tokens, not "
+                            f"--vocab-size {vocab_size}; lower --vocab-size or use a larger corpus")
+        return vocab
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Vocab":
+        """A BERT ``vocab.txt`` (one token per line, id = line number) or a ``tokenizer.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer file {path} does not exist; pass --tokenizer word, wordpiece, a BERT "
+                            "vocab.txt or a tokenizer.json")
+        if path.suffix == ".json":
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise UserError(f"{path} is not a tokenizers tokenizer.json ({str(e)[:120]}); pass a file written "
+                                "by bertds or Hugging Face, or a BERT vocab.txt") from None
+            return cls(tokenizer)
+        tokens = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if path.suffix != ".txt" or not all(t in tokens for t in BERT_SPECIAL_TOKENS.values()):
+            raise UserError(f"{path} is not a BERT vocab.txt (one token per line with [PAD] [UNK] [CLS] [SEP] "
+                            "[MASK]) nor a tokenizer.json; pass one of those, or --tokenizer word/wordpiece")
+        cased = any(t[:1].isupper() for t in tokens if not t.startswith("["))
+        wordpiece = BertWordPieceTokenizer(str(path), lowercase=not cased, strip_accents=not cased)
+        return cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def first_regular_id(self) -> int:
+        """Random MLM replacements are drawn from [first_regular_id, len): never a special token."""
+        return self.special_ids[-1] + 1
+
+    def continuation_table(self) -> np.ndarray:
+        """``table[id]`` is True for WordPiece continuations (``##x``), for whole-word masking."""
+        table = np.zeros(len(self), dtype=bool)
+        for token, i in self.tokenizer.get_vocab().items():
+            table[i] = token.startswith("##") and len(token) > 2
+        return table
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_words(self, words: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of a column of whitespace-free words: (flat ids, tokens per word). Each distinct word is
+        tokenized once; the same ids as ``encode`` on the joined text for tokenizers whose pre-tokenizer splits
+        on whitespace (word-level and BERT's, checked by the tests)."""
+        encoded = pc.dictionary_encode(words).combine_chunks() if isinstance(words, pa.ChunkedArray) \
+            else pc.dictionary_encode(words)
+        pieces = self.tokenizer.encode_batch_fast(encoded.dictionary.to_pylist(), add_special_tokens=False)
+        lengths = np.fromiter((len(p.ids) for p in pieces), dtype=np.int64, count=len(pieces))
+        flat = np.fromiter((i for p in pieces for i in p.ids), dtype=np.int32, count=int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        word_index = encoded.indices.to_numpy(zero_copy_only=False)
+        per_word = lengths[word_index]
+        if (per_word == 1).all():  # word-level vocabularies: one id per word
+            return flat[starts[word_index]], per_word
+        offsets = np.repeat(starts[word_index] - np.concatenate([[0], np.cumsum(per_word)[:-1]]), per_word)
+        return flat[np.arange(int(per_word.sum())) + offsets], per_word
 
     def token_ids(self, tokens: list[str]) -> list[int]:
         """Ids of already-split tokens (d2l's ``vocab[tokens]``); unknown tokens map to the unknown id."""
@@ -70,3 +167,33 @@ class Vocab:
         if not path.is_file():
             raise UserError(f"no {TOKENIZER_FILE} in {directory}; point at a directory written by bertds")
         return cls(Tokenizer.from_file(str(path)))
+
+
+def tokenizer_recipe(spec: str, vocab_size: int, min_freq: int) -> dict:
+    """What identifies a tokenizer before it is built, for cache keys and manifests."""
+    if spec == "word":
+        return {"kind": "word", "min_freq": min_freq}
+    if spec == "wordpiece":
+        return {"kind": "wordpiece", "vocab_size": vocab_size}
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"--tokenizer {spec}: no such file; pass word, wordpiece, a BERT vocab.txt or a "
+                        "tokenizer.json")
+    return {"kind": "file", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def build_vocab(spec: str, texts: Iterator[str], vocab_size: int, min_freq: int) -> Vocab:
+    """The tokenizer ``spec`` names, trained on ``texts`` where it needs training."""
+    if spec == "word":
+        counts: Counter = Counter()
+        for text in texts:
+            counts.update(text.lower().split())
+        return Vocab.from_word_counts(counts, min_freq)
+    if spec == "wordpiece":
+        return Vocab.train_wordpiece(texts, vocab_size)
+    return Vocab.from_file(Path(spec).expanduser())
+
+
+def describe_vocab(vocab: Vocab) -> dict:
+    return {"fingerprint": vocab.fingerprint(), "size": len(vocab), "special_tokens": vocab.special_tokens,
+            "model": json.loads(vocab.tokenizer.to_str())["model"]["type"]}
