@@ -21,7 +21,7 @@ from bertds.model import BertConfig, BertForPreTraining
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 
 LATEST = "latest"
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file (all weights unless ZeRO-3 partitions them)
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file without ZeRO-3 (ZeRO-3: zero_pp_rank_*_...)
 
 
 def find_deepspeed_checkpoint(path: Path) -> tuple[Path, str] | None:
@@ -29,7 +29,7 @@ def find_deepspeed_checkpoint(path: Path) -> tuple[Path, str] | None:
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
             return root, (root / LATEST).read_text().strip()
-    if (path / MODEL_STATES).is_file():
+    if any(path.glob("*model_states.pt")):
         return path.parent, path.name
     return None
 
@@ -59,7 +59,7 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPreTraining, Vocab]:
     found = find_deepspeed_checkpoint(path)
     if found is None:
         raise UserError(f"{path} is neither a finished bertds run (no {WEIGHTS_FILE}) nor a DeepSpeed checkpoint "
-                        f"(no '{LATEST}' file, no {MODEL_STATES}); pass a run's --output-dir or its checkpoints/")
+                        f"(no '{LATEST}' file, no *model_states.pt); pass a run's --output-dir or its checkpoints/")
     root, tag = found
     # bertds writes config.json and tokenizer.json into each tag directory; a run directory holds them too.
     metadata = next((d for d in (root / tag, root, root.parent) if (d / CONFIG_FILE).is_file()), None)

@@ -27,10 +27,15 @@ def pack(vocab: Vocab, tokens_a: str | list[str],
 @torch.no_grad()
 def encode(model: BertForPreTraining, vocab: Vocab, tokens_a: str | list[str],
            tokens_b: str | list[str] | None = None) -> torch.Tensor:
-    """Encodings of ``<cls> A <sep> [B <sep>]``, shape (1, L, hidden). Texts are strings (tokenized by ``vocab``)
-    or lists of tokens."""
+    """Encodings of ``<cls> A <sep> [B <sep>]``, shape (1, L, hidden), computed in eval mode. Texts are strings
+    (tokenized by ``vocab``) or lists of tokens."""
     ids, segments = pack(vocab, tokens_a, tokens_b)
     device = next(model.parameters()).device
-    encoded, _, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device),
-                          torch.tensor([len(ids)], device=device))
+    was_training = model.training
+    model.eval()  # dropout off: the same input always gives the same vectors
+    try:
+        encoded, _, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device),
+                              torch.tensor([len(ids)], device=device))
+    finally:
+        model.train(was_training)
     return encoded

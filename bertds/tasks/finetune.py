@@ -103,14 +103,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.eval_splits or cfg.train_split in cfg.eval_splits:
         raise UserError(f"evaluate on splits other than the training split '{cfg.train_split}'; pass e.g. "
                         "--train-split dev --eval-splits test")
-    rank, world_size = init_distributed()
-    ds_config = resolve_batch_sizes(ds_config, world_size, cfg.batch_size)
+    train_pairs = load_split(cfg.data_dir, cfg.train_split).sample(cfg.max_train_pairs, cfg.seed)
+    eval_pairs = {s: load_split(cfg.data_dir, s).sample(cfg.max_eval_pairs, cfg.seed) for s in cfg.eval_splits}
     pretrained, vocab = load_backbone(cfg)
     if cfg.max_len > pretrained.config.max_position_embeddings:
         raise UserError(f"--max-len {cfg.max_len} exceeds the model's {pretrained.config.max_position_embeddings} "
                         "positions; lower --max-len")
-    train_pairs = load_split(cfg.data_dir, cfg.train_split).sample(cfg.max_train_pairs, cfg.seed)
-    eval_pairs = {s: load_split(cfg.data_dir, s).sample(cfg.max_eval_pairs, cfg.seed) for s in cfg.eval_splits}
+    rank, world_size = init_distributed()
+    ds_config = resolve_batch_sizes(ds_config, world_size, cfg.batch_size)
     train_data = TokenizedPairs(train_pairs, vocab, cfg.max_len)
     steps_per_epoch = math.ceil(len(train_data) / ds_config["train_batch_size"])
     engine_config, client_optimizer, client_scheduler = adapt_optimization(ds_config, cfg.epochs * steps_per_epoch)
