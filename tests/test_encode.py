@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from bertds import BertForPreTraining, Vocab, encode, get_config, load_pretrained
+from bertds.encode import pack
+from tests.conftest import DIST_ENV, REPO
+from tests.pretrained_run import tiny_pretrained_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(launch, wikitext_dir, tmp_path_factory):
+    return tiny_pretrained_run(launch, wikitext_dir, tmp_path_factory)
+
+
+def encode_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    return subprocess.run([sys.executable, "-m", "bertds.encode", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / a.norm()).item()
+
+
+def test_crane_depends_on_its_context_and_the_same_input_gives_the_same_vectors(run_dir):
+    model, vocab = load_pretrained(run_dir)
+    assert vocab.unk_id not in vocab.token_ids(["a", "crane", "is", "flying", "driver", "came"])
+    model.train()  # encode switches dropout off by itself, and restores the mode
+    flying = encode(model, vocab, "a crane is flying")
+    driver = encode(model, vocab, "a crane driver came")
+    driver_pair = encode(model, vocab, "a crane driver came", "he just left")
+    assert model.training
+    assert flying.shape == (1, 6, 128) and driver_pair.shape == (1, 10, 128)
+    # The same token at the same position: only the context differs. (A collapsed model, e.g. after a few steps at
+    # lr 0.01, differs by ~1e-5.)
+    assert relative_difference(flying[0, 2], driver[0, 2]) > 1e-3
+    assert relative_difference(driver[0, 2], driver_pair[0, 2]) > 1e-3
+    torch.testing.assert_close(encode(model, vocab, "a crane driver came", "he just left"), driver_pair,
+                               atol=0, rtol=0)
+
+
+def test_cli_prints_shape_and_cls_vector_and_all_vectors_as_json(run_dir):
+    model, vocab = load_pretrained(run_dir)
+    expected = encode(model, vocab, "a crane is flying", "he just left")[0]
+    result = encode_cli("--checkpoint", str(run_dir), "a crane is flying", "--pair", "he just left")
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = ", ".join(f"{x:.4f}" for x in expected[0, :8].tolist())
+    # On a CPU machine DeepSpeed logs an accelerator warning on stdout at `import bertds`, before the output.
+    assert result.stdout.splitlines()[-3:] == ["tokens: <cls> a crane is flying <sep> he just left <sep>",
+                                          "shape: (1, 10, 128)", f"<cls> vector[:8]: [{shown}, ...]"]
+    result = encode_cli("--checkpoint", str(run_dir), "a crane is flying", "--pair", "he just left", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = json.loads(result.stdout.splitlines()[-1])
+    assert output["segments"] == [0] * 6 + [1] * 4 and output["shape"] == [1, 10, 128]
+    torch.testing.assert_close(torch.tensor(output["vectors"]), expected, atol=1e-6, rtol=0)
+
+
+def test_cli_with_a_missing_checkpoint_exits_2(tmp_path):
+    result = encode_cli("--checkpoint", str(tmp_path / "none"), "a crane")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {tmp_path / 'none'} does not exist")
+
+
+def wordpiece_vocab() -> Vocab:
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "crane", "##s", "are", "fly", "##ing", "driver"]
+    tokenizer = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return Vocab(tokenizer, {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"})
+
+
+def test_wordpiece_vocabulary_encodes_word_pieces():
+    vocab = wordpiece_vocab()
+    ids, segments = pack(vocab, "Cranes are flying!", "a crane driver")
+    assert [vocab.tokenizer.id_to_token(i) for i in ids] == [
+        "[CLS]", "crane", "##s", "are", "fly", "##ing", "[UNK]", "[SEP]", "a", "crane", "driver", "[SEP]"]
+    assert segments == [0] * 8 + [1] * 4
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=len(vocab), pad_token_id=vocab.pad_id))
+    encoded = encode(model, vocab, "Cranes are flying!", "a crane driver")
+    assert encoded.shape == (1, 12, 128)
+    assert relative_difference(encoded[0, 1], encoded[0, 9]) > 1e-3  # "crane" in two contexts
