@@ -20,5 +20,7 @@ setup(
         # CPU machines: the pinned CPU build (an unpinned torch pulls a multi-GB CUDA build).
         "cpu": ["torch==2.13.0"],
         "test": ["pytest>=8"],
+        # Hugging Face export/import (python -m bertds.export, --init-from-hf).
+        "hf": ["transformers>=4.56", "safetensors"],
     },
 )

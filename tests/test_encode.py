@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from bertds import BertForPreTraining, Vocab, encode, get_config, load_pretrained
+from bertds import BertForPreTraining, Vocab, encode, get_config, load_pretrained, save_pretrained
 from bertds.encode import pack
 from tests.conftest import DIST_ENV, REPO
 from tests.pretrained_run import tiny_pretrained_run
@@ -86,3 +86,13 @@ def test_wordpiece_vocabulary_encodes_word_pieces():
     encoded = encode(model, vocab, "Cranes are flying!", "a crane driver")
     assert encoded.shape == (1, 12, 128)
     assert relative_difference(encoded[0, 1], encoded[0, 9]) > 1e-3  # "crane" in two contexts
+
+
+def test_cli_on_a_wordpiece_checkpoint(tmp_path):
+    vocab = wordpiece_vocab()
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=len(vocab), pad_token_id=vocab.pad_id))
+    save_pretrained(model.state_dict(), model.config, vocab, tmp_path)
+    result = encode_cli("--checkpoint", str(tmp_path), "Cranes are flying")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-3:-1] == ["tokens: [CLS] crane ##s are fly ##ing [SEP]", "shape: (1, 7, 128)"]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from bertds import BertForPreTraining, Vocab, get_config, save_pretrained
+from bertds import BertForPreTraining, UserError, Vocab, get_config, save_pretrained
 from bertds.encode import pack
 from bertds.export import load_checkpoint, main as export_main
 from bertds.hf import load_hf_pretrained, to_hf_state_dict
@@ -130,3 +130,17 @@ def test_export_of_a_missing_checkpoint_is_one_error_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert export_main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "hf")]) == 2
     assert "is neither a finished bertds run" in capsys.readouterr().err
+
+
+def test_finetuning_starts_from_a_hugging_face_directory(tmp_path):
+    from bertds.hf import save_hf
+    from bertds.tasks.finetune import FinetuneConfig, load_backbone
+    model, vocab = random_model()
+    save_hf(model, vocab, tmp_path / "hf")
+    source = FinetuneConfig(deepspeed_config="unused", init_from_hf=str(tmp_path / "hf"))
+    backbone, backbone_vocab = load_backbone(source)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(backbone.state_dict()[name], tensor, atol=0, rtol=0)
+    assert backbone_vocab.tokenizer.get_vocab() == vocab.tokenizer.get_vocab()
+    with pytest.raises(UserError, match="pass exactly one of --checkpoint RUN"):
+        load_backbone(FinetuneConfig(deepspeed_config="unused", checkpoint="run", init_from_hf=str(tmp_path / "hf")))
