@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -225,15 +226,20 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(**args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(fn: Callable[[], object]) -> int:
+    """Runs a benchmark: a UserError prints one line and returns 2; the process group is always shut down."""
     try:
-        run(parse_args(argv))
+        fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         shutdown_distributed()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

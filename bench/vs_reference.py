@@ -23,8 +23,8 @@ from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
-from bench.throughput import STEPS, BenchConfig, build_model, check, ds_config, load_batches  # noqa: E402
-from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from bench.throughput import STEPS, BenchConfig, build_model, check, ds_config, load_batches, run_cli  # noqa: E402
+from bertds.distributed import init_distributed  # noqa: E402
 from bertds.errors import UserError  # noqa: E402
 from bertds.model import MODEL_PRESETS  # noqa: E402
 
@@ -168,14 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = BenchConfig(model=args.model, max_len=args.max_len, micro_batch=args.batch, compile=args.compile,
                       lr=args.lr, data_dir=args.data_dir)
-    try:
-        main_run(cfg, args.rounds, args.steps_per_round)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    finally:
-        shutdown_distributed()
-    return 0
+    return run_cli(lambda: main_run(cfg, args.rounds, args.steps_per_round))
 
 
 if __name__ == "__main__":
