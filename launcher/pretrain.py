@@ -29,6 +29,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute encoder blocks in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model through engine.compile()")
     p.add_argument("--init-from", help="start from the weights of a finished run's --output-dir (two-phase)")
+    p.add_argument("--init-from-hf", help="start from a Hugging Face BERT directory (its config and weights; the "
+                                          "data must use its tokenizer)")
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     ckpt.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
@@ -47,7 +49,8 @@ def parse_args(argv=None) -> TrainConfig:
         model=args.model, batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr,
         output_dir=args.output_dir, log_interval=args.log_interval, dropout=args.dropout,
         untie_embeddings=args.untie_embeddings, activation_checkpointing=args.activation_checkpointing,
-        compile=args.compile, init_from=args.init_from, save_interval=args.save_interval, keep_last=args.keep_last,
+        compile=args.compile, init_from=args.init_from, init_from_hf=args.init_from_hf,
+        save_interval=args.save_interval, keep_last=args.keep_last,
         resume=args.resume, overwrite=args.overwrite, wandb=not args.no_wandb, wandb_project=args.wandb_project,
         wandb_run_name=args.wandb_run_name)
 

@@ -51,6 +51,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     init_from: str | None = None  # a finished run's output dir: start from its weights (e.g. phase 2 of 2)
+    init_from_hf: str | None = None  # a Hugging Face BERT directory (needs the hf extra)
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3
     resume: str | None = None  # "auto" or a checkpoint directory
@@ -85,13 +86,20 @@ def _check_output_dir(cfg: TrainConfig) -> None:
 
 
 def build_model(cfg: TrainConfig, vocab) -> BertForPreTraining:
-    model_config = get_config(cfg.model, dropout=cfg.dropout, attention_dropout=cfg.dropout,
-                              tie_word_embeddings=not cfg.untie_embeddings, vocab_size=len(vocab),
-                              pad_token_id=vocab.pad_id)
-    model = BertForPreTraining(model_config)
+    """The model of ``--model``; or the weights of a finished bertds run (``--init-from``, same architecture) or of
+    a Hugging Face BERT directory (``--init-from-hf``, whose config then defines the architecture)."""
+    if cfg.init_from_hf:
+        from bertds.hf import check_same_vocabulary, load_hf_pretrained
+        model, hf_vocab = load_hf_pretrained(cfg.init_from_hf)
+        check_same_vocabulary(vocab, hf_vocab, cfg.init_from_hf)
+        model.train()
+    else:
+        model = BertForPreTraining(get_config(
+            cfg.model, dropout=cfg.dropout, attention_dropout=cfg.dropout, tie_word_embeddings=not cfg.untie_embeddings,
+            vocab_size=len(vocab), pad_token_id=vocab.pad_id))
     if cfg.init_from:
         source, source_vocab = load_pretrained(cfg.init_from)
-        if source_vocab.fingerprint() != vocab.fingerprint() or source.config.hidden_size != model_config.hidden_size:
+        if source_vocab.fingerprint() != vocab.fingerprint() or source.config.hidden_size != model.config.hidden_size:
             raise UserError(f"--init-from {cfg.init_from} has another vocabulary or model size than this run; "
                             "use the same corpus, tokenizer and --model as the run it comes from")
         model.load_state_dict(source.state_dict())
