@@ -43,7 +43,8 @@ def chunk_sentences(texts: list[str], vocab: Vocab, wikitext: bool) -> tuple[np.
     words = pc.utf8_split_whitespace(pc.list_flatten(sentences))
     ids, tokens_per_word = vocab.encode_words(pc.list_flatten(words))
     word_offsets = words.offsets.to_numpy().astype(np.int64) - words.offsets[0].as_py()
-    token_offsets = np.concatenate([[0], np.cumsum(tokens_per_word)])[word_offsets]
+    token_offsets = word_offsets if tokens_per_word is None else \
+        np.concatenate([[0], np.cumsum(tokens_per_word)])[word_offsets]
     start, length = token_offsets[:-1], np.diff(token_offsets)
     nonempty = length > 0
     return ids, start[nonempty], length[nonempty], sentence_doc[nonempty]
@@ -119,5 +120,5 @@ def bert_examples(texts: list[str], vocab: Vocab, config: ExampleConfig, chunk_i
         pairs.a_start += generator.binomial(cut_a, 0.5)  # each cut token comes off the front or the back
         pairs.b_start += generator.binomial(cut_b, 0.5)
         pairs.a_len, pairs.b_len = pairs.a_len - cut_a, pairs.b_len - cut_b
-        columns.append(finish_examples(ids, pairs, vocab, config, generator))
+        columns.append(finish_examples(ids, pairs, vocab, config, [config.seed, chunk_index, copy, 2]))
     return {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}

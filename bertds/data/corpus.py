@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bertds.errors import UserError
@@ -128,17 +131,31 @@ class Corpus:
             return datasets.IterableDataset.from_generator(_documents, gen_kwargs=kwargs)
         return datasets.Dataset.from_dict({"text": [row["text"] for row in _documents(**kwargs)]})
 
-    def lines(self) -> list[str]:
-        """All lines (WikiText) or paragraphs of the corpus, for the d2l recipe."""
+    def lines(self) -> pa.Array:
+        """All lines (WikiText) or paragraphs of the corpus, as one Arrow string array, for the d2l recipe."""
         if self.hub is not None:
-            return datasets.load_dataset(*self.hub, split=self.split)["text"]
-        lines: list[str] = []
+            return pa.array(datasets.load_dataset(*self.hub, split=self.split)["text"], type=pa.large_string())
+        parts = []
         for path in self.files:
             if path.suffix in (".jsonl", ".json", ".parquet"):
-                lines += [line for row in _documents([str(path)], self.split, False) for line in row["text"].split("\n")]
+                texts = pa.array([row["text"] for row in _documents([str(path)], self.split, False)],
+                                 type=pa.large_string())
+                parts.append(pc.list_flatten(pc.split_pattern(texts, "\n")))
             else:
-                lines += path.read_text(encoding="utf-8").splitlines()
-        return lines
+                parts.append(read_lines(path))
+        return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+
+
+def read_lines(path: Path) -> pa.Array:
+    """The lines of a UTF-8 text file, split by Arrow (no Python string per line)."""
+    data = path.read_bytes()
+    whole = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.asarray([0, len(data)], dtype=np.int64)),
+                                             pa.py_buffer(data))
+    try:
+        whole.validate(full=True)
+    except pa.ArrowInvalid:
+        raise UserError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    return pc.list_flatten(pc.split_pattern(whole, "\n"))
 
 
 def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: str = "train") -> Corpus:

@@ -10,6 +10,8 @@ into it, so pairing, truncation and packing are array operations rather than loo
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +19,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertds.data.masking import MASK_RATE, MaskingSpec, generator_uniforms, mask_tokens
-from bertds.data.tokenizer import Vocab
+from bertds.data.tokenizer import Vocab, segment_arange
 
 __all__ = ["MASK_RATE", "ExampleConfig", "PairRanges", "d2l_examples", "pack_pairs", "pack_ranges",
-           "truncate_longest_first"]
+           "truncate_longest_first", "D2LCorpus", "d2l_paragraphs"]
 
 # Google's max_predictions_per_seq for the two standard lengths; elsewhere 15% of max_len, rounded up.
 STANDARD_MAX_PREDICTIONS = {128: 20, 512: 80}
+BLOCK_ROWS = 1 << 15  # pairs packed and masked together; part of the RNG stream, so changing it changes examples
+_WORKERS = min(4, os.cpu_count() or 1)
+_POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="bertds-data")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class PairRanges:
     b_len: np.ndarray
     label: np.ndarray  # nsp_label: 1 = B follows A in the document
 
-    def select(self, keep: np.ndarray) -> "PairRanges":
+    def select(self, keep: np.ndarray | slice) -> "PairRanges":
         return PairRanges(*(getattr(self, f)[keep] for f in ("a_start", "a_len", "b_start", "b_len", "label")))
 
 
@@ -88,20 +93,21 @@ def _truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[in
 def pack_ranges(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, max_len: int):
     """``<cls> A <sep> B <sep>`` padded to max_len, gathered from ``ids``: (tokens, segments, valid_len)."""
     n = len(pairs.a_len)
-    positions = np.arange(max_len)[None, :]
-    a_len, b_len = pairs.a_len[:, None], pairs.b_len[:, None]
+    rows = np.arange(n, dtype=np.int64)
+    tokens = np.full((n, max_len), vocab.pad_id, dtype=np.int32)
+    segments = np.zeros((n, max_len), dtype=np.int8)
     valid_len = (pairs.a_len + pairs.b_len + 3).astype(np.int32)
-    in_a = (positions >= 1) & (positions <= a_len)
-    in_b = (positions >= a_len + 2) & (positions < a_len + 2 + b_len)
-    source = np.where(positions <= a_len, pairs.a_start[:, None] + positions - 1,
-                      pairs.b_start[:, None] + positions - a_len - 2)
-    gathered = ids[np.clip(source, 0, max(len(ids) - 1, 0))] if len(ids) else np.zeros((n, max_len), np.int32)
-    tokens = np.where(in_a | in_b, gathered, vocab.pad_id).astype(np.int32)
+    inner = segment_arange(pairs.a_len)
+    tokens.reshape(-1)[np.repeat(rows * max_len + 1, pairs.a_len) + inner] = \
+        ids[np.repeat(pairs.a_start, pairs.a_len) + inner]
+    inner = segment_arange(pairs.b_len)
+    into_b = np.repeat(rows * max_len + pairs.a_len + 2, pairs.b_len) + inner
+    tokens.reshape(-1)[into_b] = ids[np.repeat(pairs.b_start, pairs.b_len) + inner]
+    segments.reshape(-1)[into_b] = 1
     tokens[:, 0] = vocab.cls_id
-    rows = np.arange(n)
     tokens[rows, pairs.a_len + 1] = vocab.sep_id
     tokens[rows, valid_len - 1] = vocab.sep_id
-    segments = (in_b | (positions == valid_len[:, None] - 1)).astype(np.int8)
+    segments[rows, valid_len - 1] = 1
     return tokens, segments, valid_len
 
 
@@ -118,46 +124,83 @@ def pack_pairs(firsts: list[list[int]], seconds: list[list[int]], vocab: Vocab, 
 
 
 def finish_examples(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, config: ExampleConfig,
-                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Packed (and, with static masking, masked) example columns of ``pairs``."""
-    tokens, segments, valid_len = pack_ranges(ids, pairs, vocab, config.max_len)
-    columns = {"tokens": tokens, "segments": segments, "valid_len": valid_len,
-               "nsp_label": pairs.label.astype(np.int8)}
-    if not config.dynamic_masking:
-        columns.update(mask_tokens(tokens, segments, valid_len, config.masking(vocab), generator_uniforms(rng)))
-    return columns
+                    seed: list[int]) -> dict[str, np.ndarray]:
+    """Packed (and, with static masking, masked) example columns of ``pairs``: blocks of BLOCK_ROWS pairs on
+    a thread pool (numpy releases the GIL), block k masked with a generator seeded by (seed, k), so the result
+    does not depend on the thread count."""
+    masking = None if config.dynamic_masking else config.masking(vocab)
+
+    def block(k: int) -> dict[str, np.ndarray]:
+        part = pairs.select(slice(k * BLOCK_ROWS, (k + 1) * BLOCK_ROWS))
+        tokens, segments, valid_len = pack_ranges(ids, part, vocab, config.max_len)
+        columns = {"tokens": tokens, "segments": segments, "valid_len": valid_len,
+                   "nsp_label": part.label.astype(np.int8)}
+        if masking is not None:
+            rng = np.random.default_rng([*seed, k])
+            columns.update(mask_tokens(tokens, segments, valid_len, masking, generator_uniforms(rng)))
+        return columns
+
+    blocks = list(_POOL.map(block, range(max(1, -(-len(pairs.label) // BLOCK_ROWS)))))
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
-def d2l_paragraphs(lines: pa.Array) -> pa.ListArray:
-    """d2l's ``_read_wiki``: lower-cased, stripped lines split into sentences on ' . ', kept when they have two or
-    more sentences. A list (paragraph) of lists (sentence) of words."""
-    sentences = pc.split_pattern(pc.utf8_trim_whitespace(pc.utf8_lower(lines)), " . ")
-    paragraphs = pc.filter(sentences, pc.greater_equal(pc.list_value_length(sentences), 2))
-    words = pc.utf8_split_whitespace(pc.list_flatten(paragraphs))
-    return pa.ListArray.from_arrays(paragraphs.offsets.to_numpy() - paragraphs.offsets[0].as_py(), words)
+@dataclass
+class D2LCorpus:
+    """d2l's lines as arrays: sentences per line, words per sentence, and every word as an index into
+    ``dictionary`` (the distinct lower-cased words, with their ``counts``). Paragraphs are lines with >= 2
+    sentences."""
+
+    paragraph_size: np.ndarray
+    sentence_words: np.ndarray
+    word_index: np.ndarray
+    dictionary: pa.Array
+    counts: np.ndarray
+
+    def word_counts(self) -> dict[str, int]:
+        return dict(zip(self.dictionary.to_pylist(), self.counts.tolist()))
 
 
-def d2l_word_counts(paragraphs: pa.ListArray) -> dict[str, int]:
-    words = pc.dictionary_encode(pc.list_flatten(pc.list_flatten(paragraphs)))
-    counts = np.bincount(words.indices.to_numpy(zero_copy_only=False), minlength=len(words.dictionary))
-    return dict(zip(words.dictionary.to_pylist(), counts.tolist()))
+def _d2l_part(lines: pa.Array):
+    sentences = pc.split_pattern(pc.utf8_trim_whitespace(lines), " . ")
+    words = pc.utf8_split_whitespace(pc.list_flatten(sentences))
+    return (pc.list_value_length(sentences).to_numpy(zero_copy_only=False),
+            pc.list_value_length(words).to_numpy(zero_copy_only=False), pc.dictionary_encode(pc.list_flatten(words)))
 
 
-def d2l_examples(paragraphs: pa.ListArray, vocab: Vocab, config: ExampleConfig) -> dict[str, np.ndarray]:
+def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
+    """d2l's ``_read_wiki``: stripped lines split into sentences on ' . ' and into lower-cased words. Parts of the
+    corpus go to a thread pool (Arrow releases the GIL). Lower-casing is applied to the distinct words only (it
+    changes no sentence or word boundary); lines with fewer than two sentences are dropped later."""
+    step = -(-len(lines) // _WORKERS) or 1
+    parts = list(_POOL.map(_d2l_part, [lines.slice(i, step) for i in range(0, max(len(lines), 1), step)]))
+    encoded = pa.chunked_array([p[2] for p in parts]).unify_dictionaries()
+    word_index = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
+    lowered = pc.dictionary_encode(pc.utf8_lower(encoded.chunks[0].dictionary))
+    word_index = lowered.indices.to_numpy(zero_copy_only=False)[word_index]
+    paragraph_size = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    sentence_words = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    in_paragraph = np.repeat(np.repeat(paragraph_size >= 2, paragraph_size), sentence_words)
+    return D2LCorpus(paragraph_size, sentence_words, word_index, lowered.dictionary,
+                     np.bincount(word_index[in_paragraph], minlength=len(lowered.dictionary)))
+
+
+def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict[str, np.ndarray]:
     """d2l's NSP pairs and MLM masking for every adjacent sentence pair of every paragraph: B is the true next
     sentence with probability 0.5, else a random sentence of a random paragraph of the whole corpus (label 0).
     Pairs longer than max_len are dropped, or truncated (longest first) with ``config.truncate``."""
     rng = np.random.default_rng([config.seed, 2])
-    sentences = pc.list_flatten(paragraphs)
-    ids, tokens_per_word = vocab.encode_words(pc.list_flatten(sentences))
-    word_offsets = sentences.offsets.to_numpy().astype(np.int64) - sentences.offsets[0].as_py()
-    token_offsets = np.concatenate([[0], np.cumsum(tokens_per_word)])[word_offsets]
+    ids, tokens_per_word = vocab.encode_indexed(corpus.dictionary, corpus.word_index)
+    token_offsets = np.concatenate([[0], np.cumsum(corpus.sentence_words)])
+    if tokens_per_word is not None:
+        token_offsets = np.concatenate([[0], np.cumsum(tokens_per_word)])[token_offsets]
     sentence_start, sentence_len = token_offsets[:-1], np.diff(token_offsets)
-    paragraph_start = paragraphs.offsets.to_numpy().astype(np.int64)
-    paragraph_size = np.diff(paragraph_start)
-    is_last = np.zeros(len(sentence_len), dtype=bool)
-    is_last[paragraph_start[1:] - 1] = True
-    first = np.flatnonzero(~is_last)  # every sentence that has a next one in its paragraph
+    paragraph_start = np.concatenate([[0], np.cumsum(corpus.paragraph_size)])
+    is_paragraph = corpus.paragraph_size >= 2  # d2l keeps lines with two or more sentences
+    paragraph_start, paragraph_size = paragraph_start[:-1][is_paragraph], corpus.paragraph_size[is_paragraph]
+    has_next = np.zeros(len(sentence_len) + 1, dtype=np.int32)  # +1 / -1 at paragraph ends, as a running sum
+    np.add.at(has_next, paragraph_start, 1)
+    np.add.at(has_next, paragraph_start + paragraph_size - 1, -1)
+    first = np.flatnonzero(np.cumsum(has_next[:-1]) > 0)  # every sentence with a next one in its paragraph
     is_next = rng.random(len(first)) < 0.5
     random_paragraph = rng.integers(0, len(paragraph_size), len(first))
     random_sentence = paragraph_start[random_paragraph] + (
@@ -171,4 +214,4 @@ def d2l_examples(paragraphs: pa.ListArray, vocab: Vocab, config: ExampleConfig) 
         pairs.a_len, pairs.b_len = pairs.a_len - cut_a, pairs.b_len - cut_b
     else:
         pairs = pairs.select(pairs.a_len + pairs.b_len <= max_tokens)
-    return finish_examples(ids, pairs, vocab, config, rng)
+    return finish_examples(ids, pairs, vocab, config, [config.seed, 3])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -19,16 +20,13 @@ from bertds.data.config import DataConfig
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
 from bertds.data.examples import ExampleConfig
 from bertds.data.masking import MaskingSpec, hashed_uniforms, mask_tokens
-from bertds.data.prepare import (MANIFEST, PreparedData, TokenizerChoice, _as_corpus, cache_path, finish,
+from bertds.data.prepare import (DYNAMIC_MASKING_ATTR, MANIFEST, PreparedData, TokenizerChoice, _as_corpus, cache_path, finish,
                                  in_memory_dataset, load_prepared, obtain_vocab, prepare_directory, recipe_of,
                                  write_examples, d2l_columns)
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 
 CACHE_DIR_ENV = "BERTDS_CACHE_DIR"
-# PretrainingBatches reads the dynamic-masking spec from this attribute of the examples when the caller does not
-# pass one (the engine passes only the examples).
-DYNAMIC_MASKING_ATTR = "bertds_dynamic_masking"
 
 __all__ = ["PreparedData", "PretrainingBatches", "build_examples", "default_cache_dir", "prepare_for_training",
            "prepare_pretraining_data", "rank_range"]
@@ -65,13 +63,7 @@ def prepare_pretraining_data(source: Corpus | CorpusSource, config: ExampleConfi
     """The examples from the cache when present, else prepared into it (one process)."""
     corpus, choice = _as_corpus(source, split), TokenizerChoice(tokenizer, vocab_size, min_freq)
     cache = Path(cache_dir or default_cache_dir())
-    return _attach(prepare_directory(corpus, choice, config, cache_path(corpus, choice, config, cache),
-                                     streaming, cache))
-
-
-def _attach(data: PreparedData) -> PreparedData:
-    setattr(data.examples, DYNAMIC_MASKING_ATTR, data.masking)
-    return data
+    return prepare_directory(corpus, choice, config, cache_path(corpus, choice, config, cache), streaming, cache)
 
 
 def example_config(config: DataConfig) -> ExampleConfig:
@@ -103,7 +95,7 @@ def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
     if config.prepared:
         data = load_prepared(config.prepared)
         _check_prepared_matches(data, config)
-        return _attach(data)
+        return data
     corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
     choice = TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq)
     examples = example_config(config)
@@ -115,7 +107,7 @@ def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
             prepare_directory(corpus, choice, examples, path, config.streaming, cache)
         if dist.is_initialized():
             dist.barrier()
-        return _attach(load_prepared(path, from_cache=True))
+        return load_prepared(path, from_cache=True)
     if not (path / MANIFEST).is_file():  # every rank reads world_size-th of the documents
         vocab = obtain_vocab(corpus, choice, cache) if rank == 0 else None
         dist.barrier()
@@ -131,7 +123,19 @@ def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    return _attach(load_prepared(path, from_cache=True))
+    return load_prepared(path, from_cache=True)
+
+
+def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """Arrow columns as numpy arrays, fixed-size lists as 2-D (datasets' numpy formatter converts per row)."""
+    columns = {}
+    for name, column in zip(table.column_names, table.columns):
+        array = column.combine_chunks()
+        if pa.types.is_fixed_size_list(array.type):
+            columns[name] = array.flatten().to_numpy().reshape(len(array), array.type.list_size)
+        else:
+            columns[name] = array.to_numpy()
+    return columns
 
 
 def rank_range(num_examples: int, rank: int, world_size: int) -> range:
@@ -153,15 +157,15 @@ class _MaskingShard(Dataset):
 
     def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
         epoch, indices = key
-        batch = self.shard[indices]
+        batch = table_columns(self.shard[indices])
         if self.masking is not None:
             index = np.asarray(indices, dtype=np.int64) + self.offset
-            tokens = np.array(batch["tokens"])  # a writable copy
-            masks = mask_tokens(tokens, np.asarray(batch["segments"]), np.asarray(batch["valid_len"]),
-                                self.masking, hashed_uniforms(self.seed, epoch, index))
+            tokens = batch["tokens"].copy()
+            masks = mask_tokens(tokens, batch["segments"], batch["valid_len"], self.masking,
+                                hashed_uniforms(self.seed, epoch, index))
             batch = {**batch, "tokens": tokens, **masks}
         # Integer columns as int64, as gathers and the NSP loss index with them.
-        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
+        return {k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
                 for k, v in batch.items()}
 
 
@@ -175,7 +179,7 @@ class PretrainingBatches:
     def __init__(self, examples: datasets.Dataset, micro_batch: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 0, masking: MaskingSpec | None = None):
         share = rank_range(len(examples), rank, world_size)
-        self.shard = examples.select(share).with_format("numpy")
+        self.shard = examples.select(share).with_format("arrow")
         if len(self.shard) < micro_batch:
             raise UserError(f"rank {rank} holds {len(self.shard)} examples, fewer than the micro batch "
                             f"{micro_batch}; lower the batch size or use a larger corpus")

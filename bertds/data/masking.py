@@ -35,7 +35,7 @@ class MaskingSpec:
 
 
 def generator_uniforms(rng: np.random.Generator) -> Uniforms:
-    return lambda stream, shape: rng.random(shape)
+    return lambda stream, shape: rng.random(shape, dtype=np.float32)
 
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

@@ -22,7 +22,7 @@ from datasets.distributed import split_dataset_by_node
 
 from bertds.data.bert_examples import bert_examples
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
-from bertds.data.examples import ExampleConfig, d2l_examples, d2l_paragraphs, d2l_word_counts
+from bertds.data.examples import ExampleConfig, d2l_examples, d2l_paragraphs
 from bertds.data.masking import MASK_COLUMNS, MaskingSpec
 from bertds.data.tokenizer import (D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab,
                                    describe_vocab, tokenizer_recipe)
@@ -33,6 +33,7 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 DOCUMENTS_PER_CHUNK = 256  # documents whose examples are made together (random NSP segments come from them)
 ROWS_PER_SHARD = 1 << 17
+DYNAMIC_MASKING_ATTR = "bertds_dynamic_masking"  # attribute of PreparedData.examples read by PretrainingBatches
 
 
 @dataclass(frozen=True)
@@ -147,12 +148,12 @@ def _check_recipe(config: ExampleConfig, streaming: bool) -> None:
 def d2l_columns(corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice, config: ExampleConfig,
                 cache_dir: Path | None) -> tuple[dict[str, np.ndarray], Vocab]:
     """d2l's recipe on the whole corpus in memory."""
-    paragraphs = d2l_paragraphs(pa.array(corpus.lines(), type=pa.large_string()))
-    if len(paragraphs) == 0:
+    paragraphs = d2l_paragraphs(corpus.lines())
+    if not (paragraphs.paragraph_size >= 2).any():
         raise UserError(f"{corpus.describe()} has no paragraph with two or more sentences (sentences are "
                         "separated by ' . '); check that it is WikiText-style text")
     if vocab is None:
-        vocab = Vocab.from_word_counts(d2l_word_counts(paragraphs), choice.min_freq) if choice.spec == "word" \
+        vocab = Vocab.from_word_counts(paragraphs.word_counts(), choice.min_freq) if choice.spec == "word" \
             else obtain_vocab(corpus, choice, cache_dir)
     return d2l_examples(paragraphs, vocab, config), vocab
 
@@ -233,6 +234,8 @@ def load_prepared(path: str | Path, from_cache: bool = True) -> PreparedData:
     examples = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     config_fields = {k: manifest[k] for k in ExampleConfig.__dataclass_fields__ if k in manifest}
     masking = ExampleConfig(**config_fields).masking(vocab) if manifest["masking"] == "dynamic" else None
+    # The engine hands PretrainingBatches only the examples, so the masking spec travels with them.
+    setattr(examples, DYNAMIC_MASKING_ATTR, masking)
     return PreparedData(examples, vocab, path, from_cache, masking, manifest)
 
 

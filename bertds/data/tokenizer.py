@@ -133,22 +133,31 @@ class Vocab:
         """Token ids of each text, no special tokens added."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_words(self, words: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of a column of whitespace-free words: (flat ids, tokens per word). Each distinct word is
-        tokenized once; the same ids as ``encode`` on the joined text for tokenizers whose pre-tokenizer splits
-        on whitespace (word-level and BERT's, checked by the tests)."""
-        encoded = pc.dictionary_encode(words).combine_chunks() if isinstance(words, pa.ChunkedArray) \
-            else pc.dictionary_encode(words)
-        pieces = self.tokenizer.encode_batch_fast(encoded.dictionary.to_pylist(), add_special_tokens=False)
+    def encode_words(self, words: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids of a column of whitespace-free words: (flat ids, tokens per word)."""
+        encoded = pc.dictionary_encode(words)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        return self.encode_indexed(encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False))
+
+    def encode_indexed(self, dictionary: pa.Array, word_index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids of the words ``dictionary[word_index]``: (flat ids, tokens per word, None when every word is
+        one token). Each distinct word is tokenized once; the same ids as ``encode`` on the joined text for
+        tokenizers whose pre-tokenizer splits on whitespace (word-level and BERT's; checked by the tests)."""
+        words = dictionary.to_pylist()
+        if isinstance(self.tokenizer.model, models.WordLevel):  # one id per word: a dictionary lookup
+            table, unk = self.tokenizer.get_vocab(), self.unk_id
+            normalize = self.tokenizer.normalizer.normalize_str if self.tokenizer.normalizer else str
+            ids = np.fromiter((table.get(normalize(w), unk) for w in words), dtype=np.int32, count=len(words))
+            return ids[word_index], None
+        pieces = self.tokenizer.encode_batch_fast(words, add_special_tokens=False)
         lengths = np.fromiter((len(p.ids) for p in pieces), dtype=np.int64, count=len(pieces))
         flat = np.fromiter((i for p in pieces for i in p.ids), dtype=np.int32, count=int(lengths.sum()))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        word_index = encoded.indices.to_numpy(zero_copy_only=False)
+        starts = np.cumsum(lengths) - lengths
+        if (lengths == 1).all():  # word-level vocabularies: one id per word
+            return flat[word_index], None
         per_word = lengths[word_index]
-        if (per_word == 1).all():  # word-level vocabularies: one id per word
-            return flat[starts[word_index]], per_word
-        offsets = np.repeat(starts[word_index] - np.concatenate([[0], np.cumsum(per_word)[:-1]]), per_word)
-        return flat[np.arange(int(per_word.sum())) + offsets], per_word
+        return flat[np.repeat(starts[word_index], per_word) + segment_arange(per_word)], per_word
 
     def token_ids(self, tokens: list[str]) -> list[int]:
         """Ids of already-split tokens (d2l's ``vocab[tokens]``); unknown tokens map to the unknown id."""
@@ -167,6 +176,11 @@ class Vocab:
         if not path.is_file():
             raise UserError(f"no {TOKENIZER_FILE} in {directory}; point at a directory written by bertds")
         return cls(Tokenizer.from_file(str(path)))
+
+
+def segment_arange(lengths: np.ndarray) -> np.ndarray:
+    """``[0..l0-1, 0..l1-1, ...]`` for lengths l0, l1, ...: offsets inside consecutive ranges."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def tokenizer_recipe(spec: str, vocab_size: int, min_freq: int) -> dict:

@@ -1,0 +1,48 @@
+"""Prepare pretraining examples once (Arrow shards + manifest + tokenizer) for any number of training runs.
+
+    python launcher/prepare_data.py --corpus wikitext-103 --data-dir DATA --tokenizer wordpiece --recipe bert \\
+        --max-len 128 --out data/wt103-128
+    python launcher/pretrain.py --prepared data/wt103-128 --max-len 128 ...
+
+Bad input (missing or empty corpus, no usable paragraph, unknown tokenizer file) prints one ``error:`` line and
+exits with code 2; nothing is left at --out unless it is complete.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bertds.data import add_data_arguments, data_config_from_args
+from bertds.data.corpus import resolve_corpus
+from bertds.data.loader import default_cache_dir, example_config
+from bertds.data.prepare import TokenizerChoice, prepare_directory
+from bertds.errors import UserError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write (must not exist, or hold the same data)")
+    add_data_arguments(p)
+    args = p.parse_args(argv)
+    config = data_config_from_args(args)
+    start = time.perf_counter()
+    try:
+        if config.prepared:
+            raise UserError("--prepared names data to train on; prepare_data.py writes to --out")
+        corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
+        data = prepare_directory(corpus, TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
+                                 example_config(config), Path(args.out), config.streaming,
+                                 Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    manifest = data.manifest or {}
+    print(f"{'reused' if data.from_cache else 'prepared'} {manifest.get('num_examples')} examples "
+          f"(max_len {manifest.get('max_len')}, {manifest.get('recipe')} recipe, {manifest.get('masking')} masking, "
+          f"vocabulary {len(data.vocab)}) from {manifest.get('source')} in {time.perf_counter() - start:.1f} s "
+          f"-> {data.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
