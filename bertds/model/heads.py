@@ -16,8 +16,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     cross-entropy) and backward only scales them; each chunk stays in one buffer, updated in place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, scale):
-        grads = any(ctx.needs_input_grad[:3])
+    def forward(ctx, x, weight, bias, labels, scale, grad_enabled):
+        grads = grad_enabled and any(ctx.needs_input_grad[:3])  # needs_input_grad ignores torch.no_grad()
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         correct = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x) if grads else None
@@ -36,9 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = exp.mul_(scale[rows, None] / total)
                 g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
                 grad_b += g.sum(0)
-                g = g.to(x.dtype)
-                grad_x[rows] = g @ weight
-                grad_w.addmm_(g.t().float(), x[rows].float())
+                grad_w.addmm_(g.t(), x[rows].float())
+                grad_x[rows] = g.to(x.dtype) @ weight
         if grads:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
         ctx.mark_non_differentiable(correct)
@@ -47,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_correct):
         grad_x, grad_w, grad_b = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class MLMDecoder(nn.Linear):
@@ -58,7 +57,7 @@ class MLMDecoder(nn.Linear):
                 scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if labels is None:
             return super().forward(x)
-        return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale)
+        return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale, torch.is_grad_enabled())
 
 
 class BertMLMHead(nn.Module):
