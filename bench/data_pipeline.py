@@ -33,7 +33,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 def bertds_tensors(path: Path, max_len: int) -> tuple[int, float]:
     start = time.perf_counter()
     examples, _ = build_examples(resolve_corpus([str(path)]), ExampleConfig(max_len=max_len))
-    tensors = {k: torch.from_numpy(v) for k, v in table_columns(examples.data.table).items()}
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in table_columns(examples.data.table).items()}  # writable
     return len(tensors["tokens"]), time.perf_counter() - start
 
 

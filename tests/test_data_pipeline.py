@@ -11,7 +11,7 @@ import pytest
 from datasets.distributed import split_dataset_by_node
 
 from bertds.data import (DataConfig, ExampleConfig, PretrainingBatches, TokenizerChoice, Vocab, build_examples,
-                         load_prepared, prepare_directory, prepare_for_training, resolve_corpus)
+                         prepare_directory, prepare_for_training, resolve_corpus)
 from bertds.data import corpus as corpus_module
 from bertds.data.loader import _MaskingShard, rank_range, table_columns
 from bertds.data.masking import special_positions
@@ -229,7 +229,8 @@ def test_rank_shards_are_disjoint_and_complete(world_size):
                   for _ in range(2)]
         assert epochs[0] != epochs[1] and set(epochs[0]) <= set(ids.tolist())  # reshuffled per epoch
         replay = iter(PretrainingBatches(examples, 5, rank, world_size, seed=3))
-        assert [int(i) for _ in range(batches.batches_per_epoch) for i in next(replay)["tokens"][:, 0] // 4] == epochs[0]
+        replayed = [int(i) for _ in range(batches.batches_per_epoch) for i in next(replay)["tokens"][:, 0] // 4]
+        assert replayed == epochs[0]
     assert sorted(seen) == list(range(n))  # every example on exactly one rank
 
 

@@ -199,7 +199,8 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     empty = [str(p) for p in files if p.stat().st_size == 0]
     if empty:
         raise UserError(f"corpus file(s) {', '.join(empty)} are empty; remove them from --corpus")
-    return Corpus(files=tuple(files), split=split, wikitext=any(p.name.startswith("wiki.") for p in files))
+    return Corpus(files=tuple(files), split=split,
+                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files))
 
 
 def _group_lines(lines, wikitext: bool):

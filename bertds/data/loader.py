@@ -20,9 +20,9 @@ from bertds.data.config import DataConfig
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
 from bertds.data.examples import ExampleConfig
 from bertds.data.masking import MaskingSpec, hashed_uniforms, mask_tokens
-from bertds.data.prepare import (DYNAMIC_MASKING_ATTR, MANIFEST, PreparedData, TokenizerChoice, _as_corpus, cache_path, finish,
-                                 in_memory_dataset, load_prepared, obtain_vocab, prepare_directory, recipe_of,
-                                 write_examples, d2l_columns)
+from bertds.data.prepare import (DYNAMIC_MASKING_ATTR, MANIFEST, PreparedData, TokenizerChoice, _as_corpus,
+                                 _check_recipe, bert_chunks, cache_path, d2l_columns, finish, in_memory_dataset,
+                                 load_prepared, obtain_vocab, prepare_directory, recipe_of, write_examples)
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 
@@ -45,7 +45,6 @@ def build_examples(source: Corpus | CorpusSource, config: ExampleConfig, split: 
         columns, vocab = d2l_columns(corpus, None, choice, config, None)
         parts = [columns]
     else:
-        from bertds.data.prepare import _check_recipe, bert_chunks
         _check_recipe(config, streaming)
         vocab = obtain_vocab(corpus, choice, None)
         parts = list(bert_chunks(corpus, vocab, config, streaming))

@@ -14,7 +14,6 @@ import numpy as np
 
 MASK_RATE = 0.15  # of the tokens, as BERT and d2l
 MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1  # of the chosen positions; the remaining 10% stay unchanged
-MASK_COLUMNS = ("pred_positions", "mlm_labels", "mlm_weights")
 
 # draw(stream, shape) -> uniform floats in [0, 1); stream 0: position keys, 1: replacement kind, 2: random token.
 Uniforms = Callable[[int, tuple[int, int]], np.ndarray]

@@ -23,7 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from bertds.data.bert_examples import bert_examples
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
 from bertds.data.examples import ExampleConfig, d2l_examples, d2l_paragraphs
-from bertds.data.masking import MASK_COLUMNS, MaskingSpec
+from bertds.data.masking import MaskingSpec
 from bertds.data.tokenizer import (D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab,
                                    describe_vocab, tokenizer_recipe)
 from bertds.errors import UserError
@@ -112,7 +112,7 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
     of a two-phase run (128 then 512 tokens) share one vocabulary."""
     if choice.spec not in ("word", "wordpiece"):
         return build_vocab(choice.spec, iter(()), choice.vocab_size, choice.min_freq)
-    key = hashlib.sha256(json.dumps([corpus.fingerprint(), choice.recipe()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([corpus.fingerprint(), corpus.wikitext, choice.recipe()]).encode()).hexdigest()[:16]
     cached = cache_dir / "tokenizers" / f"{choice.spec}-{key}" if cache_dir else None
     if cached is not None and (cached / "tokenizer.json").is_file():
         return Vocab.load(cached)
@@ -188,7 +188,8 @@ def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice:
 
 
 def recipe_of(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig) -> dict:
-    return {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "split": corpus.split,
+    return {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "wikitext": corpus.wikitext,
+            "split": corpus.split,
             "tokenizer": choice.recipe(), **asdict(config)}
 
 
