@@ -149,14 +149,17 @@ class _MaskingShard(Dataset):
     from (seed, epoch, global example index)."""
 
     def __init__(self, shard: datasets.Dataset, offset: int, masking: MaskingSpec | None, seed: int):
-        self.shard, self.offset, self.masking, self.seed = shard, offset, masking, seed
+        if shard._indices is not None:  # rows in the order of the Arrow table
+            shard = shard.flatten_indices()
+        # datasets' Table: pickled to worker processes by file path (memory-mapped), not by value.
+        self.rows, self.offset, self.masking, self.seed = shard.data, offset, masking, seed
 
     def __len__(self) -> int:
-        return len(self.shard)
+        return self.rows.num_rows
 
     def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
         epoch, indices = key
-        batch = table_columns(self.shard[indices])
+        batch = table_columns(self.rows.table.take(pa.array(indices, type=pa.int64())))  # one Arrow gather
         if self.masking is not None:
             index = np.asarray(indices, dtype=np.int64) + self.offset
             tokens = batch["tokens"].copy()
