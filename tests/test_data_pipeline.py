@@ -82,6 +82,12 @@ def test_vocab_txt_gives_the_same_tokens_and_a_bad_file_is_refused(wordpiece, tm
     for bad in ("bad.txt", "bad.json", "model.bin", "missing.txt"):
         with pytest.raises(UserError, match="vocab.txt|tokenizer.json"):
             Vocab.from_file(tmp_path / bad)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()  # its words keep their spaces: not word-by-word
+    byte_level.save(str(tmp_path / "gpt2.json"))
+    with pytest.raises(UserError, match="splits on whitespace"):
+        Vocab.from_file(tmp_path / "gpt2.json")
 
 
 def test_saved_tokenizers_load_back_with_their_special_tokens(wordpiece, tmp_path):

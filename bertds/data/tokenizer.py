@@ -32,6 +32,8 @@ BERT_SPECIAL_TOKENS = {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": 
 BERT_RESERVED = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_KINDS = ("word", "wordpiece")
 DEFAULT_WORDPIECE_VOCAB = 30522
+# encode_indexed tokenizes each distinct word alone: exact only when the pre-tokenizer splits on whitespace.
+WHITESPACE_PRE_TOKENIZERS = ("BertPreTokenizer", "WhitespaceSplit", "Whitespace")
 
 
 def _special_tokens_of(tokenizer: Tokenizer) -> dict[str, str]:
@@ -105,6 +107,11 @@ class Vocab:
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
                 raise UserError(f"{path} is not a tokenizers tokenizer.json ({str(e)[:120]}); pass a file written "
                                 "by bertds or Hugging Face, or a BERT vocab.txt") from None
+            pre_tokenizer = (json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}).get("type")
+            if pre_tokenizer not in WHITESPACE_PRE_TOKENIZERS:
+                raise UserError(f"{path}: bertds tokenizes word by word, which needs a pre-tokenizer that splits on "
+                                f"whitespace ({', '.join(WHITESPACE_PRE_TOKENIZERS)}), not {pre_tokenizer}; use a "
+                                "BERT-style (WordPiece) tokenizer")
             return cls(tokenizer)
         tokens = path.read_text(encoding="utf-8", errors="replace").splitlines()
         if path.suffix != ".txt" or not all(t in tokens for t in BERT_SPECIAL_TOKENS.values()):
