@@ -8,6 +8,7 @@ data wait per step. Runs unchanged on CPU (gloo) and CUDA (nccl), with plain pyt
 from __future__ import annotations
 
 import argparse
+import functools
 import queue
 import statistics
 import sys
@@ -74,18 +75,7 @@ def check(cfg: BenchConfig) -> None:
         raise UserError(f"fp16 is not supported on {get_accelerator().device_name()}; use --precision bf16 or fp32")
 
 
-def fused_micro_step(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``bertds.engine.micro_step`` with the MLM loss computed inside the model (no (B, P, V) logits)."""
-    _, (mlm_loss, correct), nsp_logits = engine(
-        batch["tokens"], batch["segments"], batch["valid_len"], batch["pred_positions"],
-        mlm_labels=batch["mlm_labels"], mlm_weights=batch["mlm_weights"])
-    nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
-    engine.backward(mlm_loss + nsp_loss)
-    engine.step()
-    return {"mlm_loss": mlm_loss.detach(), "nsp_loss": nsp_loss.detach(), "mlm_correct": correct}
-
-
-STEPS = {"fused": fused_micro_step, "logits": micro_step}
+STEPS = {"fused": micro_step, "logits": functools.partial(micro_step, fused=False)}
 
 
 class Prefetcher:

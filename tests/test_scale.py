@@ -102,7 +102,7 @@ def test_simulated_two_nodes_match_one_node_with_two_ranks(zero_runs, wikitext_d
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "world size 2" in outputs[0]
-    assert_same_trajectory(trajectory(tmp_path / "run"), trajectory(zero_runs[0]), tolerance=1e-6)
+    assert_same_trajectory(trajectory(tmp_path / "run"), trajectory(zero_runs[0]))  # threads per rank differ
 
 
 # --- in-process engines ---------------------------------------------------------------------------------------

@@ -16,14 +16,22 @@ def pretraining_losses(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
     return mlm_loss, nsp_loss
 
 
-def micro_step(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def micro_step(engine, batch: dict[str, torch.Tensor], fused: bool = True) -> dict[str, torch.Tensor]:
     """Forward, backward and ``engine.step()`` (which steps the optimizer only at accumulation boundaries).
-    Returns detached statistics (losses, correct MLM predictions) without synchronising with the device."""
-    _, mlm_logits, nsp_logits = engine(batch["tokens"], batch["segments"], batch["valid_len"],
-                                       batch["pred_positions"])
-    mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)
+    Returns detached statistics (losses, correct MLM predictions) without synchronising with the device.
+
+    ``fused``: the model computes the MLM loss itself in vocabulary chunks over the real prediction slots, never
+    holding the (B, P, V) logits (same loss; ``fused=False`` is the plain logits path it is tested against)."""
+    inputs = (batch["tokens"], batch["segments"], batch["valid_len"], batch["pred_positions"])
+    if fused:
+        _, (mlm_loss, correct), nsp_logits = engine(*inputs, mlm_labels=batch["mlm_labels"],
+                                                    mlm_weights=batch["mlm_weights"])
+        nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
+    else:
+        _, mlm_logits, nsp_logits = engine(*inputs)
+        mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)
+        with torch.no_grad():
+            correct = ((mlm_logits.argmax(-1) == batch["mlm_labels"]).float() * batch["mlm_weights"]).sum()
     engine.backward(mlm_loss + nsp_loss)
     engine.step()
-    with torch.no_grad():
-        correct = ((mlm_logits.argmax(-1) == batch["mlm_labels"]).float() * batch["mlm_weights"]).sum()
     return {"mlm_loss": mlm_loss.detach(), "nsp_loss": nsp_loss.detach(), "mlm_correct": correct}
