@@ -50,7 +50,8 @@ def test_unknown_model_name_is_a_user_error():
         get_config("huge")
 
 
-def test_padding_does_not_change_valid_encodings():
+@pytest.mark.parametrize("unpad", [False, True])
+def test_padding_does_not_change_valid_encodings(unpad):
     torch.manual_seed(0)
     model = BertForPreTraining(get_config("tiny", vocab_size=500)).eval()
     tokens, segments, valid_lens, _ = random_batch(500)
@@ -58,11 +59,14 @@ def test_padding_does_not_change_valid_encodings():
     for row, n in enumerate(valid_lens.tolist()):
         changed[row, n:] = torch.randint(5, 500, (16 - n,))
         segments[row, n:] = 1 - segments[row, n:]
-    a = model(tokens, segments, valid_lens)[0]
-    b = model(changed, segments, valid_lens)[0]
+    a = model.bert(tokens, segments, valid_lens, unpad=unpad)
+    b = model.bert(changed, segments, valid_lens, unpad=unpad)
     for row, n in enumerate(valid_lens.tolist()):
         torch.testing.assert_close(a[row, :n], b[row, :n], rtol=0, atol=1e-6)
-    assert not torch.allclose(a[1, 11:], b[1, 11:])  # the padded positions themselves did change
+    if unpad:  # the padding is never computed
+        assert a[1, 11:].abs().sum() == 0 and b[1, 11:].abs().sum() == 0
+    else:  # the padded positions themselves are computed, and did change
+        assert not torch.allclose(a[1, 11:], b[1, 11:])
 
 
 def test_attention_mask_from_valid_lens():

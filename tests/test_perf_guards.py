@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bertds.model import BertForPreTraining, get_config
 from bertds.model.heads import _LinearCrossEntropy
-from bertds.model.layers import BertSelfAttention, key_padding_mask
+from bertds.model.layers import BertSelfAttention, Dropout, TokenLayout, attention, key_padding_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference_bert import BERTModel, MultiHeadAttention, load_bertds_state_dict, pretraining_loss  # noqa: E402
@@ -45,7 +45,7 @@ def test_sdpa_attention_equals_explicit_masked_softmax_with_padding():
             getattr(explicit.W_o, kind).copy_(getattr(sdpa.dense, kind))
     x = torch.randn(4, 24, config.hidden_size)
     valid = torch.tensor([24, 17, 9, 1])
-    ours = sdpa(x, key_padding_mask(valid, 24))
+    ours = sdpa(x, TokenLayout(key_padding_mask(valid, 24), None))
     theirs = explicit(x, x, x, valid)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
@@ -118,3 +118,76 @@ def test_compiled_encoder_gives_the_same_loss_as_eager():
     compiled = model(*args, **kwargs)[1][0]
     assert list(model.state_dict()) == keys  # compiled in place: the checkpoint names stay
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_encoder_equals_padded_in_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+    b = make_batch()
+    results = []
+    for unpad in (False, True):
+        model.zero_grad()
+        encoded = model.bert(b["tokens"], b["segments"], b["valid_len"], unpad=unpad)
+        valid = key_padding_mask(b["valid_len"], encoded.shape[1]).view(encoded.shape[:2])
+        (encoded[valid] * torch.linspace(-1, 1, encoded.shape[-1])).sum().backward()
+        results.append((encoded[valid], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, padded_grads), (unpadded, unpadded_grads) = results
+    torch.testing.assert_close(unpadded, padded, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == unpadded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(unpadded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_is_seeded():
+    dropout = Dropout(0.2).train()
+    x = torch.ones(1_000_000, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.002  # 400 standard deviations would be 0.2
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1.25))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient flows through exactly the kept units, scaled alike
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), y)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_cpu_attention_with_dropout_equals_sdpa_when_nothing_is_dropped(monkeypatch):
+    # The explicit CPU training path (fast dropout mask) against SDPA: with a mask that keeps everything they
+    # must agree exactly in value and gradient; with p > 0 rows of kept probabilities are rescaled by 1 / (1 - p).
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8, requires_grad=True) for _ in range(3))
+    mask = key_padding_mask(torch.tensor([10, 6, 1]), 10)
+    monkeypatch.setattr("bertds.model.layers.cpu_keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+    ours = attention(q, k, v, mask, 0.5)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2  # kept probabilities × 1 / (1 - p)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(process_group, monkeypatch):
+    import copy
+
+    import deepspeed
+
+    from bertds.engine import micro_step
+    torch.manual_seed(0)
+    model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+    plain = copy.deepcopy(model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                      config={"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
+                                              "gradient_clipping": 0.0})  # DeepSpeed's default is 1.0
+    reduced = []
+    monkeypatch.setattr(engine, "allreduce_gradients", lambda *a, **k: reduced.append(1))
+    b = make_batch()
+    micro_step(engine, b)
+    assert not reduced  # nothing to all-reduce with one rank
+    _, (mlm, _), nsp = plain(b["tokens"], b["segments"], b["valid_len"], b["pred_positions"],
+                             mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
+    (mlm + F.cross_entropy(nsp, b["nsp_label"])).backward()
+    torch.optim.SGD(plain.parameters(), lr=0.5).step()
+    for (name, ours), theirs in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)

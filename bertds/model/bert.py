@@ -6,7 +6,7 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 from bertds.model.heads import BertMLMHead, BertNSPHead
-from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, key_padding_mask
+from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout
 
 
 class BertModel(nn.Module):
@@ -19,9 +19,16 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor) -> torch.Tensor:
-        mask = key_padding_mask(valid_lens, tokens.shape[1])
-        return self.encoder(self.embeddings(tokens, segments), mask)
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor,
+                unpad: bool | None = None) -> torch.Tensor:
+        """(batch, seq_len, hidden) encodings; zeros at the padding when ``unpad``. Default: unpadded when training
+        on CPU (the padding is a quarter of WikiText-2's tokens); accelerators keep static shapes, and inference
+        keeps the padded positions' values, as Hugging Face's BERT computes them."""
+        if unpad is None:
+            unpad = self.training and tokens.device.type == "cpu"
+        layout = TokenLayout.from_valid_lens(valid_lens, tokens.shape[1], unpad)
+        x = self.embeddings(layout.unpad(tokens), layout.unpad(segments), layout.positions(tokens.device))
+        return layout.pad(self.encoder(x, layout))
 
 
 class BertForPreTraining(nn.Module):

@@ -1,6 +1,9 @@
 """BERT building blocks, named as in Hugging Face's modeling_bert: embeddings, encoder layers, pooler."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +18,74 @@ def key_padding_mask(valid_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (positions[None, :] < valid_lens[:, None]).view(-1, 1, 1, seq_len)
 
 
+@dataclass
+class TokenLayout:
+    """Where the encoder's token rows live. Padded: the (batch, seq_len) grid, as the batch comes. Unpadded: only
+    the valid tokens, stacked as (tokens, ...) rows, so the per-token work (projections, FFN, LayerNorm, dropout)
+    skips the padding; attention scatters back to the grid. The padded positions' outputs are never read (keys are
+    masked, the heads read valid positions), so both layouts compute the same thing for every valid token."""
+    mask: torch.Tensor  # (batch, 1, 1, seq_len), True on valid tokens
+    index: torch.Tensor | None  # unpadded: flat (batch * seq_len) positions of the valid tokens
+
+    @classmethod
+    def from_valid_lens(cls, valid_lens: torch.Tensor, seq_len: int, unpad: bool) -> "TokenLayout":
+        mask = key_padding_mask(valid_lens, seq_len)
+        # nonzero() waits for the device, so accelerators keep the padded (static-shape) layout.
+        return cls(mask, mask.reshape(-1).nonzero().squeeze(1) if unpad else None)
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.mask.shape[-1]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq_len, ...) -> (tokens, ...); the identity in the padded layout."""
+        if self.index is None:
+            return x
+        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seq_len, ...) with zeros at the padding; the identity in the padded layout."""
+        if self.index is None:
+            return x
+        grid = x.new_zeros(self.batch * self.seq_len, *x.shape[1:]).index_copy(0, self.index, x)
+        return grid.view(self.batch, self.seq_len, *x.shape[1:])
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(self.seq_len, device=device)
+        return positions if self.index is None else self.unpad(positions.expand(self.batch, -1))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, the same distribution (keep with probability 1 - p, scale by 1 / (1 - p)), but on CPU the mask
+    comes from 31-bit random integers: torch's CPU bernoulli_ takes ~3× longer and was 15% of a tiny-model step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x.mul(cpu_keep_mask(x.shape, self.p)).mul_(1 / (1 - self.p))
+
+
+def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int32).random_() >= round(p * 2 ** 31)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              dropout_p: float) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d), masked) v on (batch, heads, seq_len, head_dim). SDPA (flash / memory-efficient
+    kernels) everywhere, except CPU training with attention dropout: SDPA then takes its math path with the slow
+    bernoulli_, so the same math is written out here with the fast mask."""
+    if dropout_p == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    probs = probs.mul(cpu_keep_mask(probs.shape, dropout_p)).mul_(1 / (1 - dropout_p))
+    return probs @ v
+
+
 class BertEmbeddings(nn.Module):
     """Token + segment + learned position embeddings, then LayerNorm and dropout."""
 
@@ -24,16 +95,15 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(tokens) + self.token_type_embeddings(segments) + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(x))
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention (flash/memory-efficient kernels on GPU)."""
+    """Multi-head self-attention on either token layout; the attention itself runs on the padded grid."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -42,13 +112,12 @@ class BertSelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, hidden = x.shape
-        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads).unbind(dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq_len, hidden))
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        batch, seq_len, hidden = layout.batch, layout.seq_len, x.shape[-1]
+        qkv = layout.pad(self.qkv(x)).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+        out = attention(q, k, v, layout.mask, self.attention_dropout if self.training else 0.0)
+        return self.dense(layout.unpad(out.transpose(1, 2).reshape(batch, seq_len, hidden)))
 
 
 class BertLayer(nn.Module):
@@ -61,10 +130,10 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Linear(config.hidden_size, config.ffn_size)
         self.output = nn.Linear(config.ffn_size, config.hidden_size)
         self.output_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention_LayerNorm(x + self.dropout(self.attention(x, mask)))
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        x = self.attention_LayerNorm(x + self.dropout(self.attention(x, layout)))
         return self.output_LayerNorm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
 
 
@@ -74,12 +143,12 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
         self.activation_checkpointing = False  # recompute each block in backward to save activation memory
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         for layer in self.layer:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x = checkpoint(layer, x, layout, use_reentrant=False)
             else:
-                x = layer(x, mask)
+                x = layer(x, layout)
         return x
 
 
