@@ -115,6 +115,28 @@ def test_hub_and_local_directory_give_the_same_paragraphs(wikitext_dir, monkeypa
     assert from_hub == local and len(local) > 1000
 
 
+def test_sentence_and_word_split_is_pythons(tmp_path):
+    """The byte-level split equals d2l's line.strip().lower().split(" . ") and sentence.split(), also on lines
+    with other whitespace, overlapping separators, separators at the ends and empty sentences."""
+    import pyarrow as pa
+
+    from bertds.data.examples import d2l_paragraphs
+    lines = ["a . b", " . x . y . ", "a . . b", "a . . . b", "x  .  y", "x .  . y", "x\t.\ty . z", "", "   ",
+             "one", ". . .", "a .", ". a", "a . b\r", "Caf\u00e9\u00a0Au . Lait\u3000x", "q\x1cr . s\x01t . u\u2028v",
+             "x . \u2003 . y", "\u0085a . b\u0085", "The Crane . the crane . THE", "a.b . c. . .d", "z . \t. w"] * 3
+    for array in (pa.array(lines, pa.large_string()), pa.array(["skip"] + lines, pa.string()).slice(1)):
+        corpus = d2l_paragraphs(array)
+        expected = [[s.split() for s in line.strip().lower().split(" . ")] for line in lines]
+        assert corpus.paragraph_size.tolist() == [len(p) for p in expected]
+        assert corpus.sentence_words.tolist() == [len(s) for p in expected for s in p]
+        assert [corpus.dictionary[int(i)].as_py() for i in corpus.word_index] == \
+            [w for p in expected for s in p for w in s]
+        counts = {}
+        for w in (w for p in expected if len(p) >= 2 for s in p for w in s):
+            counts[w] = counts.get(w, 0) + 1
+        assert corpus.word_counts() == counts
+
+
 # --- a small synthetic corpus, to check pair semantics exactly ---------------------------------------------------
 
 def synthetic_corpus(tmp_path, paragraphs=40, sentences=5):

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bertds.data.masking import MASK_RATE, MaskingSpec, generator_uniforms, mask_tokens
+from bertds.data.masking import MASK_RATE, GeneratorUniforms, MaskingSpec, mask_tokens
 from bertds.data.tokenizer import Vocab, segment_arange
 
 __all__ = ["MASK_RATE", "ExampleConfig", "PairRanges", "d2l_examples", "pack_pairs", "pack_ranges",
@@ -90,13 +90,19 @@ def _truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[in
     return a[:len(a) - int(cut_a[0])], b[:len(b) - int(cut_b[0])]
 
 
-def pack_ranges(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, max_len: int):
-    """``<cls> A <sep> B <sep>`` padded to max_len, gathered from ``ids``: (tokens, segments, valid_len)."""
+def pack_ranges(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, max_len: int,
+                out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+    """``<cls> A <sep> B <sep>`` padded to max_len, gathered from ``ids``: (tokens, segments, valid_len), written
+    into ``out`` (arrays of those shapes) when given."""
     n = len(pairs.a_len)
     rows = np.arange(n, dtype=np.int64)
-    tokens = np.full((n, max_len), vocab.pad_id, dtype=np.int32)
-    segments = np.zeros((n, max_len), dtype=np.int8)
-    valid_len = (pairs.a_len + pairs.b_len + 3).astype(np.int32)
+    if out is None:
+        out = (np.empty((n, max_len), dtype=np.int32), np.empty((n, max_len), dtype=np.int8),
+               np.empty(n, dtype=np.int32))
+    tokens, segments, valid_len = out
+    tokens.fill(vocab.pad_id)
+    segments.fill(0)
+    np.add(pairs.a_len + 3, pairs.b_len, out=valid_len, casting="unsafe")
     inner = segment_arange(pairs.a_len)
     tokens.reshape(-1)[np.repeat(rows * max_len + 1, pairs.a_len) + inner] = \
         ids[np.repeat(pairs.a_start, pairs.a_len) + inner]
@@ -126,22 +132,29 @@ def pack_pairs(firsts: list[list[int]], seconds: list[list[int]], vocab: Vocab, 
 def finish_examples(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, config: ExampleConfig,
                     seed: list[int]) -> dict[str, np.ndarray]:
     """Packed (and, with static masking, masked) example columns of ``pairs``: blocks of BLOCK_ROWS pairs on
-    a thread pool (numpy releases the GIL), block k masked with a generator seeded by (seed, k), so the result
-    does not depend on the thread count."""
+    a thread pool (numpy releases the GIL), each written in place into the output columns, block k masked with
+    a generator seeded by (seed, k), so the result does not depend on the thread count."""
     masking = None if config.dynamic_masking else config.masking(vocab)
+    n, max_len = len(pairs.label), config.max_len
+    columns = {"tokens": np.empty((n, max_len), dtype=np.int32), "segments": np.empty((n, max_len), dtype=np.int8),
+               "valid_len": np.empty(n, dtype=np.int32), "nsp_label": pairs.label.astype(np.int8)}
+    if masking is not None:
+        slots = masking.max_predictions
+        columns.update(pred_positions=np.empty((n, slots), dtype=np.int32),
+                       mlm_labels=np.empty((n, slots), dtype=np.int32),
+                       mlm_weights=np.empty((n, slots), dtype=np.float32))
 
-    def block(k: int) -> dict[str, np.ndarray]:
-        part = pairs.select(slice(k * BLOCK_ROWS, (k + 1) * BLOCK_ROWS))
-        tokens, segments, valid_len = pack_ranges(ids, part, vocab, config.max_len)
-        columns = {"tokens": tokens, "segments": segments, "valid_len": valid_len,
-                   "nsp_label": part.label.astype(np.int8)}
+    def block(k: int) -> None:
+        rows = slice(k * BLOCK_ROWS, (k + 1) * BLOCK_ROWS)
+        out = {name: column[rows] for name, column in columns.items()}
+        tokens, segments, valid_len = pack_ranges(ids, pairs.select(rows), vocab, max_len,
+                                                  (out["tokens"], out["segments"], out["valid_len"]))
         if masking is not None:
             rng = np.random.default_rng([*seed, k])
-            columns.update(mask_tokens(tokens, segments, valid_len, masking, generator_uniforms(rng)))
-        return columns
+            mask_tokens(tokens, segments, valid_len, masking, GeneratorUniforms(rng), out=out)
 
-    blocks = list(_POOL.map(block, range(max(1, -(-len(pairs.label) // BLOCK_ROWS)))))
-    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    list(_POOL.map(block, range(-(-n // BLOCK_ROWS))))
+    return columns
 
 
 @dataclass
@@ -157,31 +170,118 @@ class D2LCorpus:
     counts: np.ndarray
 
     def word_counts(self) -> dict[str, int]:
-        return dict(zip(self.dictionary.to_pylist(), self.counts.tolist()))
+        """Lower-cased word -> occurrences in paragraphs (words seen only outside paragraphs left out)."""
+        return {w: n for w, n in zip(self.dictionary.to_pylist(), self.counts.tolist()) if n}
 
 
-def _d2l_part(lines: pa.Array):
-    sentences = pc.split_pattern(pc.utf8_trim_whitespace(lines), " . ")
-    words = pc.utf8_split_whitespace(pc.list_flatten(sentences))
-    return (pc.list_value_length(sentences).to_numpy(zero_copy_only=False),
-            pc.list_value_length(words).to_numpy(zero_copy_only=False), pc.dictionary_encode(pc.list_flatten(words)))
+# Python's whitespace (str.split / str.strip, as d2l uses them): the ASCII bytes, and the UTF-8 forms of the others
+# as big-endian integers of their bytes.
+_WHITESPACE = [c for c in map(chr, range(0x3001)) if c.isspace()]
+_ASCII_WHITESPACE = np.asarray([ord(c) for c in _WHITESPACE if ord(c) < 0x80], dtype=np.uint8)
+_MULTIBYTE_WHITESPACE = {n: np.asarray([int.from_bytes(c.encode(), "big") for c in _WHITESPACE
+                                        if len(c.encode()) == n], dtype=np.int64) for n in (2, 3)}
+SEPARATOR = " . "  # d2l's sentence separator
+
+
+def _whitespace_mask(data: np.ndarray) -> np.ndarray:
+    """``data[i]`` is (a byte of) a whitespace character: bytes <= 0x20, less the control characters that are not
+    whitespace, plus the bytes of the non-ASCII spaces."""
+    ws = data <= 0x20
+    control = np.flatnonzero(data < 0x20)
+    ws[control[~np.isin(data[control], _ASCII_WHITESPACE)]] = False
+    lead = np.flatnonzero(data >= 0xC2)  # first bytes of multi-byte characters (the spaces have 2 or 3 bytes)
+    if len(lead):
+        following = data[np.minimum(lead[:, None] + np.arange(3), len(data) - 1)].astype(np.int64)
+        code = following[:, 0]
+        for n in (2, 3):
+            code = (code << 8) | following[:, n - 1]
+            space = lead[np.isin(code, _MULTIBYTE_WHITESPACE[n])]
+            for k in range(n):
+                ws[space + k] = True
+    return ws
+
+
+@dataclass
+class _Part:
+    """One slice of the lines: words dictionary-encoded as "word + the whitespace after it" (``variants``)."""
+
+    paragraph_size: np.ndarray
+    sentence_words: np.ndarray
+    variant_index: np.ndarray  # per word (separators dropped), into variants
+    variants: pa.Array
+    counts: np.ndarray  # per variant, words of paragraphs (lines with >= 2 sentences) only
+
+
+def _d2l_part(lines: pa.Array) -> _Part:
+    """d2l's split of ``lines`` on the bytes: a word starts at a non-whitespace byte after whitespace or at a line
+    start; a separator is a ' . ' inside the stripped line, non-overlapping from the left (str.split). The strings
+    from one word start to the next (word + following whitespace) are dictionary-encoded without a copy."""
+    lines = pc.fill_null(lines, "").cast(pa.large_string())
+    _, offsets_buffer, data_buffer = lines.buffers()
+    line_offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
+    begin = int(line_offsets[0]) if len(lines) else 0
+    line_offsets = line_offsets - begin
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[begin:begin + int(line_offsets[-1])] if len(lines) else \
+        np.zeros(0, dtype=np.uint8)
+    ws = _whitespace_mask(data)
+    word_start = ~ws
+    word_start[1:] &= ws[:-1]
+    line_start = line_offsets[:-1][line_offsets[:-1] < len(data)]
+    word_start[line_start] = ~ws[line_start]
+    starts = np.flatnonzero(word_start)
+    line_words = np.searchsorted(starts, line_offsets)  # words of line l: [line_words[l], line_words[l + 1])
+    # Separators: a "." word between two spaces, with a word of the same line before and after it.
+    dots = np.flatnonzero(data[1:-1] == ord(".")) + 1
+    dots = dots[(data[dots - 1] == ord(" ")) & (data[dots + 1] == ord(" "))]
+    line = np.searchsorted(line_offsets, dots, side="right") - 1
+    word = np.searchsorted(starts, dots)
+    inside = (word > line_words[line]) & (word + 1 < line_words[line + 1])
+    dots, line, word = dots[inside], line[inside], word[inside]
+    # Overlapping matches (" . . ") chain at distance 2: str.split takes every other one from the left.
+    chained = np.diff(dots, prepend=-3) == 2
+    chain_start = np.maximum.accumulate(np.where(chained, 0, np.arange(len(dots))))
+    taken = (np.arange(len(dots)) - chain_start) % 2 == 0
+    separator_line, separator_word = line[taken], word[taken]
+    paragraph_size = 1 + np.bincount(separator_line, minlength=len(lines))
+    begins = np.sort(np.concatenate([line_words[:-1], separator_word + 1]))
+    ends = np.sort(np.concatenate([separator_word, line_words[1:]]))
+    strings = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(np.append(starts, len(data))),
+                                               pa.py_buffer(data))
+    encoded = pc.dictionary_encode(strings)
+    variant_index = encoded.indices.to_numpy()
+    # Counts of the words of paragraphs: all words, less separators and the words of one-sentence lines.
+    single = np.flatnonzero(paragraph_size < 2)
+    lengths = line_words[single + 1] - line_words[single]
+    outside = np.concatenate([separator_word, np.repeat(line_words[single], lengths) + segment_arange(lengths)])
+    counts = np.bincount(variant_index, minlength=len(encoded.dictionary)) - \
+        np.bincount(variant_index[outside], minlength=len(encoded.dictionary))
+    keep = np.ones(len(starts), dtype=bool)
+    keep[separator_word] = False
+    return _Part(paragraph_size, ends - begins, variant_index[keep], encoded.dictionary, counts)
 
 
 def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
     """d2l's ``_read_wiki``: stripped lines split into sentences on ' . ' and into lower-cased words. Parts of the
-    corpus go to a thread pool (Arrow releases the GIL). Lower-casing is applied to the distinct words only (it
-    changes no sentence or word boundary); lines with fewer than two sentences are dropped later."""
+    corpus go to a thread pool (numpy and Arrow release the GIL). Stripping the whitespace after each word and
+    lower-casing are applied to the distinct strings only (neither changes a sentence or word boundary); lines with
+    fewer than two sentences are dropped later."""
     step = -(-len(lines) // _WORKERS) or 1
     parts = list(_POOL.map(_d2l_part, [lines.slice(i, step) for i in range(0, max(len(lines), 1), step)]))
-    encoded = pa.chunked_array([p[2] for p in parts]).unify_dictionaries()
-    word_index = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
-    lowered = pc.dictionary_encode(pc.utf8_lower(encoded.chunks[0].dictionary))
-    word_index = lowered.indices.to_numpy(zero_copy_only=False)[word_index]
-    paragraph_size = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    sentence_words = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    in_paragraph = np.repeat(np.repeat(paragraph_size >= 2, paragraph_size), sentence_words)
-    return D2LCorpus(paragraph_size, sentence_words, word_index, lowered.dictionary,
-                     np.bincount(word_index[in_paragraph], minlength=len(lowered.dictionary)))
+    variants = pa.concat_arrays([p.variants for p in parts])
+    lowered = pc.dictionary_encode(pc.utf8_lower(pc.utf8_rtrim_whitespace(variants)))
+    word_of_variant = lowered.indices.to_numpy()
+    first = np.cumsum([0] + [len(p.variants) for p in parts])
+    counts = np.bincount(word_of_variant, weights=np.concatenate([p.counts for p in parts]),
+                         minlength=len(lowered.dictionary)).astype(np.int64)
+    word_index = np.empty(sum(len(p.variant_index) for p in parts), dtype=word_of_variant.dtype)
+    bounds = np.cumsum([0] + [len(p.variant_index) for p in parts])
+
+    def gather(k: int) -> None:
+        np.take(word_of_variant[first[k]:first[k + 1]], parts[k].variant_index, out=word_index[bounds[k]:bounds[k + 1]])
+
+    list(_POOL.map(gather, range(len(parts))))
+    return D2LCorpus(np.concatenate([p.paragraph_size for p in parts]),
+                     np.concatenate([p.sentence_words for p in parts]), word_index, lowered.dictionary, counts)
 
 
 def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict[str, np.ndarray]:

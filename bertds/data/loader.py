@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from bertds.data.config import DataConfig
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
 from bertds.data.examples import ExampleConfig
-from bertds.data.masking import MaskingSpec, hashed_uniforms, mask_tokens
+from bertds.data.masking import HashedUniforms, MaskingSpec, mask_tokens
 from bertds.data.prepare import (DYNAMIC_MASKING_ATTR, MANIFEST, PreparedData, TokenizerChoice, _as_corpus,
                                  _check_recipe, bert_chunks, cache_path, d2l_columns, finish, in_memory_dataset,
                                  load_prepared, obtain_vocab, prepare_directory, recipe_of, write_examples)
@@ -48,10 +48,10 @@ def build_examples(source: Corpus | CorpusSource, config: ExampleConfig, split: 
         _check_recipe(config, streaming)
         vocab = obtain_vocab(corpus, choice, None)
         parts = list(bert_chunks(corpus, vocab, config, streaming))
-    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    if not parts or len(columns["tokens"]) == 0:
+    if sum(len(part["tokens"]) for part in parts) == 0:
         raise UserError(f"no sentence pair of {corpus.describe()} fits in max_len {config.max_len}; "
                         "raise --max-len or pass --truncate")
+    columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return in_memory_dataset(columns, config), vocab
 
 
@@ -164,7 +164,7 @@ class _MaskingShard(Dataset):
             index = np.asarray(indices, dtype=np.int64) + self.offset
             tokens = batch["tokens"].copy()
             masks = mask_tokens(tokens, batch["segments"], batch["valid_len"], self.masking,
-                                hashed_uniforms(self.seed, epoch, index))
+                                HashedUniforms(self.seed, epoch, index))
             batch = {**batch, "tokens": tokens, **masks}
         # Integer columns as int64, as gathers and the NSP loss index with them.
         return {k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))

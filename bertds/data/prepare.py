@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
+from datasets.fingerprint import generate_random_fingerprint
 
 from bertds.data.bert_examples import bert_examples
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
@@ -79,7 +80,9 @@ def to_table(columns: dict[str, np.ndarray], features: datasets.Features) -> pa.
 
 
 def in_memory_dataset(columns: dict[str, np.ndarray], config: ExampleConfig) -> datasets.Dataset:
-    return datasets.Dataset(datasets.table.InMemoryTable(to_table(columns, example_features(config))))
+    # A random fingerprint, as datasets gives in-memory results: its default hashes every byte of the table.
+    return datasets.Dataset(datasets.table.InMemoryTable(to_table(columns, example_features(config))),
+                            fingerprint=generate_random_fingerprint())
 
 
 def _write_shards(directory: Path, prefix: str, columns: dict[str, np.ndarray], config: ExampleConfig) -> int:

@@ -154,8 +154,11 @@ class Vocab:
         words = dictionary.to_pylist()
         if isinstance(self.tokenizer.model, models.WordLevel):  # one id per word: a dictionary lookup
             table, unk = self.tokenizer.get_vocab(), self.unk_id
-            normalize = self.tokenizer.normalizer.normalize_str if self.tokenizer.normalizer else str
-            ids = np.fromiter((table.get(normalize(w), unk) for w in words), dtype=np.int32, count=len(words))
+            if self.tokenizer.normalizer:  # one call for all words, "\n" (whitespace: in no word) between them
+                joined = self.tokenizer.normalizer.normalize_str("\n".join(words)).split("\n")
+                normalize = self.tokenizer.normalizer.normalize_str
+                words = joined if len(joined) == len(words) else [normalize(w) for w in words]
+            ids = np.fromiter((table.get(w, unk) for w in words), dtype=np.int32, count=len(words))
             return ids[word_index], None
         pieces = self.tokenizer.encode_batch_fast(words, add_special_tokens=False)
         lengths = np.fromiter((len(p.ids) for p in pieces), dtype=np.int64, count=len(pieces))
