@@ -4,6 +4,12 @@ on the same input: reading -> tokenizing -> NSP pairs -> MLM masking -> tensors 
 
     python bench/data_pipeline.py                       # WikiText-2 valid, train, and train repeated to >= 10M tokens
     python bench/data_pipeline.py --min-tokens 20000000 --bertds-runs 3
+    python bench/data_pipeline.py --streaming-mb 500    # only: prepare_data.py --streaming, time and peak RSS
+
+``--streaming-mb N`` instead runs ``launcher/prepare_data.py --streaming`` (original-BERT recipe, WordPiece, max_len
+128, as for WikiText-103) on an N MB corpus of repeated WikiText-2 train lines in a temporary directory, and reports
+its wall time and the peak resident memory of its process tree (polled every 0.1 s; shared pages count once per
+process, so the figure is an upper bound).
 
 Both sides run in this process, alternately, one after the other; the reference is timed ``--reference-runs``
 times and bertds ``--bertds-runs`` times, and the ratio uses the medians. bertds uses its thread pool (Arrow and
@@ -13,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +36,8 @@ from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resol
 from bertds.data.loader import table_columns  # noqa: E402
 from bertds.data.prepare import TokenizerChoice, prepare_directory  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
 def bertds_tensors(path: Path, max_len: int) -> tuple[int, float]:
@@ -93,6 +103,43 @@ def loader_throughput(path: Path, cache: Path, vocab_size: int, micro_batch: int
               f"the cache, {num_workers} workers: {batches * micro_batch / seconds:,.0f} examples/s", flush=True)
 
 
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def streaming_memory(source: Path, megabytes: int, tokenizer: str, max_len: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bertds-streaming-") as tmp:
+        corpus = Path(tmp) / "wiki.train.tokens"  # a WikiText file: " = Title = " documents
+        text = source.read_bytes()
+        with corpus.open("wb") as f:
+            for _ in range(math.ceil(megabytes * 2**20 / len(text))):
+                f.write(text)
+        command = [sys.executable, str(REPO / "launcher" / "prepare_data.py"), "--corpus", str(corpus), "--streaming",
+                   "--recipe", "bert", "--tokenizer", tokenizer, "--max-len", str(max_len),
+                   "--out", str(Path(tmp) / "prepared"), "--cache-dir", str(Path(tmp) / "cache")]
+        log = Path(tmp) / "log.txt"
+        start, peak = time.perf_counter(), 0
+        with log.open("wb") as out:
+            process = psutil.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            while process.poll() is None:
+                peak = max(peak, tree_rss(process))
+                time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        output = log.read_text().strip().splitlines()
+        if process.returncode != 0:
+            raise SystemExit("prepare_data.py failed:\n" + "\n".join(output[-20:]))
+        largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kernel's peak, largest process
+        print(f"streaming {corpus.stat().st_size / 2**20:.0f} MB ({tokenizer}, bert recipe, max_len {max_len}): "
+              f"{seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB (process tree, sampled; largest process "
+              f"{largest / 2**30:.2f} GiB) | {output[-1]}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=DATA)
@@ -105,7 +152,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--streaming-mb", type=int, help="only the streaming run, on a corpus of this many MB")
+    p.add_argument("--streaming-tokenizer", default="wordpiece")
     args = p.parse_args()
+    if args.streaming_mb:
+        streaming_memory(args.data_dir / "wiki.train.tokens", args.streaming_mb, args.streaming_tokenizer, 128)
+        return
     with tempfile.TemporaryDirectory(prefix="bertds-bench-") as tmp:
         big = repeated_corpus(args.data_dir / "wiki.train.tokens", args.min_tokens, Path(tmp))
         print(f"d2l recipe, max_len {args.max_len}, word vocabulary; time = files -> example tensors", flush=True)

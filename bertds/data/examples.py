@@ -100,20 +100,20 @@ def pack_ranges(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, max_len: int,
         out = (np.empty((n, max_len), dtype=np.int32), np.empty((n, max_len), dtype=np.int8),
                np.empty(n, dtype=np.int32))
     tokens, segments, valid_len = out
-    tokens.fill(vocab.pad_id)
-    segments.fill(0)
     np.add(pairs.a_len + 3, pairs.b_len, out=valid_len, casting="unsafe")
-    inner = segment_arange(pairs.a_len)
-    tokens.reshape(-1)[np.repeat(rows * max_len + 1, pairs.a_len) + inner] = \
-        ids[np.repeat(pairs.a_start, pairs.a_len) + inner]
-    inner = segment_arange(pairs.b_len)
-    into_b = np.repeat(rows * max_len + pairs.a_len + 2, pairs.b_len) + inner
-    tokens.reshape(-1)[into_b] = ids[np.repeat(pairs.b_start, pairs.b_len) + inner]
-    segments.reshape(-1)[into_b] = 1
+    # A and B of all rows as one list of ranges: ids[source:source + length] go to tokens.flat[dest:dest + length].
+    lengths = np.stack([pairs.a_len, pairs.b_len], axis=1).ravel()
+    source = np.stack([pairs.a_start, pairs.b_start], axis=1).ravel()
+    dest = np.stack([rows * max_len + 1, rows * max_len + pairs.a_len + 2], axis=1).ravel()
+    before = np.cumsum(lengths) - lengths  # where each range begins in the list
+    step = np.arange(int(lengths.sum()), dtype=np.int64)
+    tokens.fill(vocab.pad_id)
+    tokens.reshape(-1)[step + np.repeat(dest - before, lengths)] = ids[step + np.repeat(source - before, lengths)]
     tokens[:, 0] = vocab.cls_id
     tokens[rows, pairs.a_len + 1] = vocab.sep_id
     tokens[rows, valid_len - 1] = vocab.sep_id
-    segments[rows, valid_len - 1] = 1
+    positions = np.arange(max_len)
+    segments[...] = (positions >= (pairs.a_len + 2)[:, None]) & (positions < valid_len[:, None])  # B <sep>
     return tokens, segments, valid_len
 
 
@@ -180,17 +180,16 @@ _WHITESPACE = [c for c in map(chr, range(0x3001)) if c.isspace()]
 _ASCII_WHITESPACE = np.asarray([ord(c) for c in _WHITESPACE if ord(c) < 0x80], dtype=np.uint8)
 _MULTIBYTE_WHITESPACE = {n: np.asarray([int.from_bytes(c.encode(), "big") for c in _WHITESPACE
                                         if len(c.encode()) == n], dtype=np.int64) for n in (2, 3)}
-SEPARATOR = " . "  # d2l's sentence separator
 
 
 def _whitespace_mask(data: np.ndarray) -> np.ndarray:
     """``data[i]`` is (a byte of) a whitespace character: bytes <= 0x20, less the control characters that are not
     whitespace, plus the bytes of the non-ASCII spaces."""
     ws = data <= 0x20
-    control = np.flatnonzero(data < 0x20)
+    rare = np.flatnonzero((data + np.uint8(0x3E)) < 0x5E)  # bytes < 0x20 or >= 0xC2, in one scan (uint8 wraps)
+    control, lead = rare[data[rare] < 0x20], rare[data[rare] >= 0xC2]  # lead: first bytes of multi-byte characters
     ws[control[~np.isin(data[control], _ASCII_WHITESPACE)]] = False
-    lead = np.flatnonzero(data >= 0xC2)  # first bytes of multi-byte characters (the spaces have 2 or 3 bytes)
-    if len(lead):
+    if len(lead):  # the non-ASCII spaces have 2 or 3 bytes
         following = data[np.minimum(lead[:, None] + np.arange(3), len(data) - 1)].astype(np.int64)
         code = following[:, 0]
         for n in (2, 3):
@@ -224,17 +223,23 @@ def _d2l_part(lines: pa.Array) -> _Part:
     data = np.frombuffer(data_buffer, dtype=np.uint8)[begin:begin + int(line_offsets[-1])] if len(lines) else \
         np.zeros(0, dtype=np.uint8)
     ws = _whitespace_mask(data)
-    word_start = ~ws
-    word_start[1:] &= ws[:-1]
-    line_start = line_offsets[:-1][line_offsets[:-1] < len(data)]
+    n = len(data)
+    word_start = np.empty(n + 1, dtype=bool)  # and n: the word starts are then the offsets of the strings below
+    np.invert(ws, out=word_start[:n])
+    word_start[1:n] &= ws[:-1]
+    line_start = line_offsets[:-1][line_offsets[:-1] < n]
     word_start[line_start] = ~ws[line_start]
-    starts = np.flatnonzero(word_start)
+    word_start[n] = True
+    string_offsets = np.flatnonzero(word_start)
+    starts = string_offsets[:-1]
     line_words = np.searchsorted(starts, line_offsets)  # words of line l: [line_words[l], line_words[l + 1])
     # Separators: a "." word between two spaces, with a word of the same line before and after it.
-    dots = np.flatnonzero(data[1:-1] == ord(".")) + 1
-    dots = dots[(data[dots - 1] == ord(" ")) & (data[dots + 1] == ord(" "))]
+    word = np.flatnonzero(data[starts] == ord("."))
+    dots = starts[word]
+    spaced = (dots > 0) & (dots + 1 < n)
+    spaced[spaced] = (data[dots[spaced] - 1] == ord(" ")) & (data[dots[spaced] + 1] == ord(" "))
+    dots, word = dots[spaced], word[spaced]
     line = np.searchsorted(line_offsets, dots, side="right") - 1
-    word = np.searchsorted(starts, dots)
     inside = (word > line_words[line]) & (word + 1 < line_words[line + 1])
     dots, line, word = dots[inside], line[inside], word[inside]
     # Overlapping matches (" . . ") chain at distance 2: str.split takes every other one from the left.
@@ -245,8 +250,7 @@ def _d2l_part(lines: pa.Array) -> _Part:
     paragraph_size = 1 + np.bincount(separator_line, minlength=len(lines))
     begins = np.sort(np.concatenate([line_words[:-1], separator_word + 1]))
     ends = np.sort(np.concatenate([separator_word, line_words[1:]]))
-    strings = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(np.append(starts, len(data))),
-                                               pa.py_buffer(data))
+    strings = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(string_offsets), pa.py_buffer(data))
     encoded = pc.dictionary_encode(strings)
     variant_index = encoded.indices.to_numpy()
     # Counts of the words of paragraphs: all words, less separators and the words of one-sentence lines.

@@ -69,8 +69,8 @@ class Vocab:
     def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> "Vocab":
         """d2l's vocabulary from lower-cased word counts: the reserved tokens, then words by falling count."""
         reserved = list(D2L_SPECIAL_TOKENS.values())
-        words = sorted((w for w, n in counts.items() if n >= min_freq and w not in reserved),
-                       key=lambda w: (-counts[w], w))
+        words = sorted(w for w, n in counts.items() if n >= min_freq and w not in reserved)
+        words.sort(key=counts.__getitem__, reverse=True)  # by falling count, ties alphabetical (stable sort)
         token_to_id = {token: i for i, token in enumerate(reserved + words)}
         tokenizer = Tokenizer(models.WordLevel(vocab=token_to_id, unk_token=D2L_SPECIAL_TOKENS["unk"]))
         tokenizer.normalizer = normalizers.Lowercase()
