@@ -202,7 +202,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--mlm-loss", choices=list(STEPS), default="fused",
-                   help="fused: MLM loss inside the model on real slots; logits: bertds.engine.micro_step")
+                   help="fused: MLM loss inside the model on the real slots (the default step); "
+                        "logits: the (B, P, V) logits path")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--log-interval", type=int, default=5, help="steps between loss reads (host syncs)")

@@ -6,7 +6,7 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 from bertds.model.heads import BertMLMHead, BertNSPHead
-from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout
+from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout, eager_cpu
 
 
 class BertModel(nn.Module):
@@ -22,10 +22,10 @@ class BertModel(nn.Module):
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor,
                 unpad: bool | None = None) -> torch.Tensor:
         """(batch, seq_len, hidden) encodings; zeros at the padding when ``unpad``. Default: unpadded when training
-        on CPU (the padding is a quarter of WikiText-2's tokens); accelerators keep static shapes, and inference
-        keeps the padded positions' values, as Hugging Face's BERT computes them."""
+        on CPU (the padding is a quarter of WikiText-2's tokens); accelerators and torch.compile keep static
+        shapes, and inference keeps the padded positions' values, as Hugging Face's BERT computes them."""
         if unpad is None:
-            unpad = self.training and tokens.device.type == "cpu"
+            unpad = self.training and eager_cpu(tokens)
         layout = TokenLayout.from_valid_lens(valid_lens, tokens.shape[1], unpad)
         x = self.embeddings(layout.unpad(tokens), layout.unpad(segments), layout.positions(tokens.device))
         return layout.pad(self.encoder(x, layout))

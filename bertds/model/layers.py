@@ -59,12 +59,17 @@ class TokenLayout:
         return positions if self.index is None else self.unpad(positions.expand(self.batch, -1))
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """True where the CPU fast paths below apply: eager CPU tensors (torch.compile generates its own kernels)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout, the same distribution (keep with probability 1 - p, scale by 1 / (1 - p)), but on CPU the mask
     comes from 31-bit random integers: torch's CPU bernoulli_ takes ~3× longer and was 15% of a tiny-model step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or self.p == 0 or not eager_cpu(x):
             return super().forward(x)
         return x.mul(cpu_keep_mask(x.shape, self.p)).mul_(1 / (1 - self.p))
 
@@ -78,7 +83,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q kᵀ / sqrt(d), masked) v on (batch, heads, seq_len, head_dim). SDPA (flash / memory-efficient
     kernels) everywhere, except CPU training with attention dropout: SDPA then takes its math path with the slow
     bernoulli_, so the same math is written out here with the fast mask."""
-    if dropout_p == 0 or q.device.type != "cpu":
+    if dropout_p == 0 or not eager_cpu(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
