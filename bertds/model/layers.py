@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,17 +66,22 @@ def eager_cpu(x: torch.Tensor) -> bool:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, the same distribution (keep with probability 1 - p, scale by 1 / (1 - p)), but on CPU the mask
-    comes from 31-bit random integers: torch's CPU bernoulli_ takes ~3× longer and was 15% of a tiny-model step."""
+    """nn.Dropout, the same distribution (keep with probability 1 - p, scale by 1 / (1 - p)), with the CPU mask from
+    cpu_keep_mask: torch's CPU bernoulli_ took 15% of a tiny-model step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or not eager_cpu(x):
+        if not self.training or not 0 < self.p < 1 or not eager_cpu(x):
             return super().forward(x)
         return x.mul(cpu_keep_mask(x.shape, self.p)).mul_(1 / (1 - self.p))
 
 
 def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.int32).random_() >= round(p * 2 ** 31)
+    """Bernoulli(1 - p) as 32-bit uniform integers >= p·2³², drawn by numpy's PCG64 (both halves of its 64-bit
+    outputs): 3× faster than torch's CPU random_ and 4× faster than bernoulli_, all single-threaded. The seed comes
+    from torch's generator, so torch.manual_seed fixes the masks."""
+    n = math.prod(shape)
+    bits = np.random.PCG64(int(torch.randint(2 ** 62, ()))).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(bits >= np.uint32(round(p * 2 ** 32))).view(shape)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -83,7 +89,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q kᵀ / sqrt(d), masked) v on (batch, heads, seq_len, head_dim). SDPA (flash / memory-efficient
     kernels) everywhere, except CPU training with attention dropout: SDPA then takes its math path with the slow
     bernoulli_, so the same math is written out here with the fast mask."""
-    if dropout_p == 0 or not eager_cpu(q):
+    if not 0 < dropout_p < 1 or not eager_cpu(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
