@@ -18,16 +18,14 @@ def write_corpus(directory, lines, split_file="wiki.train.tokens"):
     return directory
 
 
-def non_special_counts(d):
-    return d["valid_len"] - 3
-
-
 # --- the real WikiText-2 ---------------------------------------------------------------------------------------
 
-def test_mlm_selection_rate_is_15_percent(prepared):
+def test_mlm_selection_is_15_percent_of_the_sequence_as_d2l(prepared):
+    # d2l: num_mlm_preds = max(1, round(len(tokens) * 0.15)), len(tokens) counting <cls> and both <sep>
     d = as_numpy(prepared.examples)
-    rate = d["mlm_weights"].sum() / non_special_counts(d).sum()
-    assert abs(rate - 0.15) < 0.01, rate
+    slots = d["mlm_weights"].shape[1]
+    expected = [min(max(1, round(n * 0.15)), slots, n - 3) for n in d["valid_len"].tolist()]
+    assert d["mlm_weights"].sum(axis=1).astype(int).tolist() == expected
 
 
 def test_mask_random_keep_split_is_80_10_10(prepared):

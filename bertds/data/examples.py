@@ -55,7 +55,7 @@ class ExampleConfig:
     def masking(self, vocab: Vocab) -> MaskingSpec:
         return MaskingSpec(max_predictions=self.max_predictions, mask_id=vocab.mask_id,
                            first_random_id=vocab.first_regular_id, vocab_size=len(vocab),
-                           rate_of_sequence=self.recipe == "bert", whole_word=self.whole_word_masking,
+                           whole_word=self.whole_word_masking,
                            continuation=vocab.continuation_table() if self.whole_word_masking else None)
 
 
