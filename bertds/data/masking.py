@@ -137,9 +137,9 @@ def _ranked_positions(uniforms: Uniforms, special: np.ndarray, count: int) -> np
 
 def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_len: np.ndarray, spec: MaskingSpec,
                 uniforms: Uniforms, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Choose 15% of the sequence's length, <cls> and <sep> included as in d2l's and Google's ``len(tokens)`` (at
-    least one, at most ``max_predictions``), among its non-special positions; of those,
-    80% become the mask token, 10% a random token, 10% stay. ``tokens`` is modified in place; the prediction
+    """Choose 15% of the sequence's length (<cls> and <sep> counted, as d2l's and Google's ``len(tokens)``; at
+    least one, at most ``max_predictions``) among its non-special positions; of those, 80% become the mask token,
+    10% a random token, 10% stay. ``tokens`` is modified in place; the prediction
     columns are returned, written into ``out``'s arrays when given."""
     n, max_len = tokens.shape
     slots = spec.max_predictions

@@ -14,8 +14,11 @@ def pretraining_losses(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor,
     mlm = F.cross_entropy(mlm_logits.float().flatten(0, 1), batch["mlm_labels"].reshape(-1).long(),
                           reduction="none")
     mlm_loss = (mlm * weights).sum() / (weights.sum() + 1e-8)
-    nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
-    return mlm_loss, nsp_loss
+    return mlm_loss, next_sentence_loss(nsp_logits, batch)
+
+
+def next_sentence_loss(nsp_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
 
 
 def micro_step(engine, batch: dict[str, torch.Tensor], fused: bool = True) -> dict[str, torch.Tensor]:
@@ -28,7 +31,7 @@ def micro_step(engine, batch: dict[str, torch.Tensor], fused: bool = True) -> di
     if fused:
         _, (mlm_loss, correct), nsp_logits = engine(*inputs, mlm_labels=batch["mlm_labels"],
                                                     mlm_weights=batch["mlm_weights"])
-        nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"].long())
+        nsp_loss = next_sentence_loss(nsp_logits, batch)
     else:
         _, mlm_logits, nsp_logits = engine(*inputs)
         mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)

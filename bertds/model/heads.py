@@ -27,11 +27,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer = torch.empty(min(LOSS_CHUNK, x.shape[0]), weight.shape[0], device=x.device, dtype=torch.float32)
         for start in range(0, x.shape[0], LOSS_CHUNK):
             rows = slice(start, start + LOSS_CHUNK)
-            logits = buffer[:x[rows].shape[0]]
+            chunk = x[rows]
+            logits = buffer[:chunk.shape[0]]
             if x.dtype == torch.float32:
-                torch.addmm(bias, x[rows], weight.t(), out=logits)
+                torch.addmm(bias, chunk, weight.t(), out=logits)
             else:  # 16-bit matmul, fp32 softmax
-                logits.copy_(torch.addmm(bias, x[rows], weight.t()))
+                logits.copy_(torch.addmm(bias, chunk, weight.t()))
             target = logits.gather(1, labels[rows, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             correct += ((target >= top.squeeze(1)) & (scale[rows] > 0)).sum()  # the label is the argmax
@@ -42,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = exp.mul_(scale[rows, None] / total)
                 g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
                 grad_b += g.sum(0)
-                grad_w.addmm_(g.t(), x[rows].float())
+                grad_w.addmm_(g.t(), chunk.float())
                 if x.dtype == torch.float32:
                     torch.mm(g, weight, out=grad_x[rows])
                 else:

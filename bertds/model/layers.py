@@ -72,7 +72,11 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not 0 < self.p < 1 or not eager_cpu(x):
             return super().forward(x)
-        return x.mul(cpu_keep_mask(x.shape, self.p)).mul_(1 / (1 - self.p))
+        return cpu_dropout(x, self.p)
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x.mul(cpu_keep_mask(x.shape, p)).mul_(1 / (1 - p))
 
 
 def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
@@ -92,9 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if not 0 < dropout_p < 1 or not eager_cpu(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    probs = probs.mul(cpu_keep_mask(probs.shape, dropout_p)).mul_(1 / (1 - dropout_p))
-    return probs @ v
+    return cpu_dropout(scores.softmax(dim=-1), dropout_p) @ v
 
 
 class BertEmbeddings(nn.Module):
