@@ -154,8 +154,8 @@ def run(cfg: BenchConfig) -> dict:
             start = time.perf_counter()
         t0 = time.perf_counter()
         batch = prefetch.next()
-        stats = step_fn(engine, batch)
-        losses += torch.stack([stats["mlm_loss"], stats["nsp_loss"]])
+        out = step_fn(engine, batch)
+        losses += torch.stack([out.mlm_loss.detach(), out.nsp_loss.detach()])
         slots += (batch["mlm_weights"] > 0).sum()
         if step % cfg.log_interval == 0:  # the only host-device sync of the loop
             logged.append((step, *(losses / cfg.log_interval).tolist()))

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from bertds import encode, load_pretrained
 from bertds.errors import UserError
-from bertds.engine import load_ds_config, pretraining_losses, resolve_batch_sizes
+from bertds.engine import load_ds_config, resolve_batch_sizes
+from bertds.model import BertForPreTraining, get_config
 
 SEED_LINES = (re.compile(r"^MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}$", re.M),
               re.compile(r"^\d+\.\d sentence pairs/sec on \[(cpu|cuda:\d+)(, (cpu|cuda:\d+))*\]$", re.M))
@@ -52,17 +53,27 @@ def test_malformed_or_missing_ds_config_is_a_user_error(tmp_path):
         load_ds_config(tmp_path / "none.json")
 
 
-def test_pretraining_loss_ignores_padded_prediction_slots():
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_pretraining_loss_ignores_padded_prediction_slots(return_logits):
     torch.manual_seed(0)
-    mlm_logits, nsp_logits = torch.randn(2, 3, 7), torch.randn(2, 2)
-    batch = {"mlm_labels": torch.tensor([[1, 2, 0], [3, 0, 0]]), "mlm_weights": torch.tensor([[1., 1, 0], [1, 0, 0]]),
+    model = BertForPreTraining(get_config("tiny", vocab_size=7, dropout=0.0, attention_dropout=0.0)).eval()
+    batch = {"tokens": torch.tensor([[3, 5, 6, 4, 1], [3, 6, 4, 5, 4]]), "segments": torch.tensor([[0, 0, 0, 0, 0],
+             [0, 0, 0, 1, 1]]), "valid_len": torch.tensor([4, 5]), "pred_positions": torch.tensor([[1, 2, 0], [3, 0, 0]]),
+             "mlm_labels": torch.tensor([[1, 2, 0], [3, 0, 0]]), "mlm_weights": torch.tensor([[1., 1, 0], [1, 0, 0]]),
              "nsp_label": torch.tensor([1, 0])}
-    mlm_loss, nsp_loss = pretraining_losses(mlm_logits, nsp_logits, batch)
-    expected = torch.stack([F.cross_entropy(mlm_logits[0, 0:1], batch["mlm_labels"][0, 0:1]),
-                            F.cross_entropy(mlm_logits[0, 1:2], batch["mlm_labels"][0, 1:2]),
-                            F.cross_entropy(mlm_logits[1, 0:1], batch["mlm_labels"][1, 0:1])]).mean()
-    torch.testing.assert_close(mlm_loss, expected)
-    torch.testing.assert_close(nsp_loss, F.cross_entropy(nsp_logits, batch["nsp_label"]))
+    out = model(**batch, return_logits=return_logits)
+    logits = model(**{k: batch[k] for k in ("tokens", "segments", "valid_len", "pred_positions")}).prediction_logits
+    nsp_logits = out.seq_relationship_logits
+    expected = torch.stack([F.cross_entropy(logits[0, 0:1], batch["mlm_labels"][0, 0:1]),
+                            F.cross_entropy(logits[0, 1:2], batch["mlm_labels"][0, 1:2]),
+                            F.cross_entropy(logits[1, 0:1], batch["mlm_labels"][1, 0:1])]).mean()
+    torch.testing.assert_close(out.mlm_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.nsp_loss, F.cross_entropy(nsp_logits, batch["nsp_label"]))
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)
+    assert out.mlm_count.item() == 3
+    assert out.mlm_correct.item() == sum(logits[r, s].argmax().item() == batch["mlm_labels"][r, s].item()
+                                         for r, s in ((0, 0), (0, 1), (1, 0)))
+    assert out.nsp_correct.item() == (nsp_logits.argmax(-1) == batch["nsp_label"]).sum().item()
 
 
 # --- real launches ---------------------------------------------------------------------------------------------

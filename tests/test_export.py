@@ -39,8 +39,8 @@ def random_batch(vocab_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
 def bertds_logits(model: BertForPreTraining, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         all_positions = torch.arange(batch["tokens"].shape[1]).expand_as(batch["tokens"])
-        _, mlm, nsp = model(batch["tokens"], batch["segments"], batch["valid_len"], all_positions)
-    return mlm, nsp
+        out = model(batch["tokens"], batch["segments"], batch["valid_len"], all_positions)
+    return out.prediction_logits, out.seq_relationship_logits
 
 
 def hf_logits(hf_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +99,9 @@ def test_deepspeed_checkpoint_is_consolidated_and_exported(process_group, tmp_pa
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     batch = random_batch(len(vocab))
     engine.train()
-    _, mlm, nsp = engine(batch["tokens"], batch["segments"], batch["valid_len"], torch.arange(3).expand(4, 3))
-    engine.backward(mlm.float().logsumexp(-1).mean() + F.cross_entropy(nsp.float(), torch.tensor([0, 1, 0, 1])))
+    out = engine(batch["tokens"], batch["segments"], batch["valid_len"], torch.arange(3).expand(4, 3),
+                 nsp_label=torch.tensor([0, 1, 0, 1]))
+    engine.backward(out.prediction_logits.float().logsumexp(-1).mean() + out.nsp_loss)
     engine.step()  # the checkpoint then holds trained weights, not the ones of random_model
     checkpoints, tag = tmp_path / "run" / "checkpoints", "step00000001"
     engine.save_checkpoint(str(checkpoints), tag=tag)  # writes `latest`, as bertds' training checkpoints

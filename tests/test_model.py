@@ -22,11 +22,12 @@ def test_output_shapes_for_every_preset(name):
     with torch.device(device):
         model = BertForPreTraining(config)
     tokens, segments, valid_lens, pred_positions = (t.to(device) for t in random_batch(1000))
-    encoded, mlm_logits, nsp_logits = model(tokens, segments, valid_lens, pred_positions)
-    assert encoded.shape == (3, 16, config.hidden_size)
-    assert mlm_logits.shape == (3, 4, 1000)
-    assert nsp_logits.shape == (3, 2)
-    assert model(tokens, segments, valid_lens)[1] is None
+    out = model(tokens, segments, valid_lens, pred_positions)
+    assert out.last_hidden_state.shape == (3, 16, config.hidden_size)
+    assert out.prediction_logits.shape == (3, 4, 1000)
+    assert out.seq_relationship_logits.shape == (3, 2)
+    assert out.loss is None and out.mlm_loss is None and out.nsp_loss is None  # no labels given
+    assert model(tokens, segments, valid_lens).prediction_logits is None
 
 
 @pytest.mark.parametrize("name,expected_millions", [("base", 110), ("large", 335)])
@@ -80,7 +81,7 @@ def test_mlm_decoder_is_tied_to_token_embedding_and_can_be_untied():
     embedding = model.bert.embeddings.word_embeddings.weight
     assert model.mlm.decoder.weight is embedding
     tokens, segments, valid_lens, pred_positions = random_batch(300)
-    model(tokens, segments, valid_lens, pred_positions)[1].sum().backward()
+    model(tokens, segments, valid_lens, pred_positions).prediction_logits.sum().backward()
     before = embedding.detach().clone()
     torch.optim.SGD(model.parameters(), lr=1.0).step()
     assert model.mlm.decoder.weight.data_ptr() == embedding.data_ptr()
@@ -93,9 +94,10 @@ def test_mlm_decoder_is_tied_to_token_embedding_and_can_be_untied():
 def test_gathered_mlm_logits_equal_full_sequence_logits():
     model = BertForPreTraining(get_config("tiny", vocab_size=400)).eval()
     tokens, segments, valid_lens, pred_positions = random_batch(400)
-    encoded, mlm_logits, _ = model(tokens, segments, valid_lens, pred_positions)
+    out = model(tokens, segments, valid_lens, pred_positions)
     all_positions = torch.arange(16).expand(3, -1)
-    full = model.mlm(encoded, all_positions)
+    full = model(tokens, segments, valid_lens, all_positions).prediction_logits
+    mlm_logits = out.prediction_logits
     expected = full.gather(1, pred_positions[..., None].expand(-1, -1, 400))
     torch.testing.assert_close(mlm_logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -108,8 +110,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for enabled in (False, True):
         model.zero_grad()
         model.set_activation_checkpointing(enabled)
-        _, mlm_logits, nsp_logits = model(*batch)
-        (mlm_logits.sum() + nsp_logits.sum()).backward()
+        out = model(*batch)
+        (out.prediction_logits.sum() + out.seq_relationship_logits.sum()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

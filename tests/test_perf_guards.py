@@ -55,7 +55,8 @@ def test_fused_mlm_loss_equals_logits_loss_in_value_gradients_and_accuracy():
     model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
     b = make_batch()
     args = (b["tokens"], b["segments"], b["valid_len"], b["pred_positions"])
-    _, logits, nsp_logits = model(*args)
+    plain = model(*args)
+    logits, nsp_logits = plain.prediction_logits, plain.seq_relationship_logits
     w = b["mlm_weights"].reshape(-1)
     expected = (F.cross_entropy(logits.flatten(0, 1), b["mlm_labels"].reshape(-1), reduction="none") * w).sum()
     expected = expected / (w.sum() + 1e-8)
@@ -63,8 +64,10 @@ def test_fused_mlm_loss_equals_logits_loss_in_value_gradients_and_accuracy():
     (expected + F.cross_entropy(nsp_logits, b["nsp_label"])).backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    _, (loss, correct), nsp_logits = model(*args, mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
-    (loss + F.cross_entropy(nsp_logits, b["nsp_label"])).backward()
+    fused = model(*args, mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"], nsp_label=b["nsp_label"])
+    loss, correct = fused.mlm_loss, fused.mlm_correct
+    assert fused.prediction_logits is None  # the fused path never forms the logits
+    fused.loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     assert correct.item() == expected_correct.item()
     for name, p in model.named_parameters():
@@ -100,9 +103,7 @@ def test_reference_bert_is_the_same_computation():
     reference = BERTModel(model.config).eval()
     load_bertds_state_dict(reference, model.state_dict())
     b = make_batch()
-    _, (mlm, _), nsp_logits = model(b["tokens"], b["segments"], b["valid_len"], b["pred_positions"],
-                                    mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
-    ours = mlm + F.cross_entropy(nsp_logits, b["nsp_label"])
+    ours = model(**b).loss
     torch.testing.assert_close(ours, pretraining_loss(reference, b, VOCAB), rtol=1e-5, atol=1e-5)
 
 
@@ -112,10 +113,10 @@ def test_compiled_encoder_gives_the_same_loss_as_eager():
     b = make_batch()
     args = (b["tokens"], b["segments"], b["valid_len"], b["pred_positions"])
     kwargs = {"mlm_labels": b["mlm_labels"], "mlm_weights": b["mlm_weights"]}
-    eager = model(*args, **kwargs)[1][0]
+    eager = model(*args, **kwargs).mlm_loss
     keys = list(model.state_dict())
     model.bert.compile()
-    compiled = model(*args, **kwargs)[1][0]
+    compiled = model(*args, **kwargs).mlm_loss
     assert list(model.state_dict()) == keys  # compiled in place: the checkpoint names stay
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
@@ -185,9 +186,7 @@ def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(p
     b = make_batch()
     micro_step(engine, b)
     assert not reduced  # nothing to all-reduce with one rank
-    _, (mlm, _), nsp = plain(b["tokens"], b["segments"], b["valid_len"], b["pred_positions"],
-                             mlm_labels=b["mlm_labels"], mlm_weights=b["mlm_weights"])
-    (mlm + F.cross_entropy(nsp, b["nsp_label"])).backward()
+    plain(**b).loss.backward()
     torch.optim.SGD(plain.parameters(), lr=0.5).step()
     for (name, ours), theirs in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)

@@ -128,7 +128,7 @@ def test_gradient_accumulation_2x4_equals_micro_batch_8(process_group, prepared,
             for k in range(accumulation):
                 start = step * 8 + k * micro
                 stats = micro_step(engine, tiny_batch(equal_length_examples, range(start, start + micro)))
-                losses.append(stats["mlm_loss"] + stats["nsp_loss"])
+                losses.append(stats.loss.detach())
         step_losses = torch.stack(losses).view(2, accumulation).mean(1)
         results.append((step_losses, [p.detach().clone() for p in engine.module.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
@@ -144,7 +144,7 @@ def test_bf16_zero2_trains(process_group, prepared):
         "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}})
     assert next(engine.module.parameters()).dtype == torch.bfloat16
     batch = tiny_batch(prepared.examples, range(16))
-    losses = [float(micro_step(engine, batch)["mlm_loss"]) for _ in range(6)]
+    losses = [float(micro_step(engine, batch).mlm_loss) for _ in range(6)]
     assert all(map(math.isfinite, losses)) and min(losses[1:]) < losses[0] - 1.0, losses  # fits the batch
 
 
@@ -241,7 +241,7 @@ def test_config_starts_an_engine_on_cpu_with_the_tiny_model(path, process_group,
     engine = tiny_engine(prepared.vocab, engine_config, optimizer, scheduler, dropout=0.1)
     for k in range(row["accumulation"]):
         stats = micro_step(engine, tiny_batch(prepared.examples, range(2 * k, 2 * k + 2)))
-        assert torch.isfinite(stats["mlm_loss"]) and torch.isfinite(stats["nsp_loss"])
+        assert torch.isfinite(stats.mlm_loss) and torch.isfinite(stats.nsp_loss)
     assert engine.global_steps == 1
     assert engine.zero_optimization_stage() == config["zero_optimization"]["stage"]
 

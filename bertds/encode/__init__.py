@@ -34,8 +34,8 @@ def encode(model: BertForPreTraining, vocab: Vocab, tokens_a: str | list[str],
     was_training = model.training
     model.eval()  # dropout off: the same input always gives the same vectors
     try:
-        encoded, _, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device),
-                              torch.tensor([len(ids)], device=device))
+        encoded = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device),
+                        torch.tensor([len(ids)], device=device)).last_hidden_state
     finally:
         model.train(was_training)
     return encoded

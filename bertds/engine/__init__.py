@@ -1,4 +1,4 @@
 from bertds.engine.config import load_ds_config, resolve_batch_sizes
-from bertds.engine.step import micro_step, pretraining_losses
+from bertds.engine.step import micro_step
 
-__all__ = ["load_ds_config", "micro_step", "pretraining_losses", "resolve_batch_sizes"]
+__all__ = ["load_ds_config", "micro_step", "resolve_batch_sizes"]

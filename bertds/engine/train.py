@@ -207,11 +207,11 @@ def _loop(cfg, engine, batches, state: RunState, window, tracker, watcher, save,
             wait_start = time.perf_counter()
             batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
             data_wait += time.perf_counter() - wait_start
-            stats = micro_step(engine, batch)
-            losses = torch.stack([stats["mlm_loss"], stats["nsp_loss"]])
+            out = micro_step(engine, batch)
+            losses = torch.stack([out.mlm_loss.detach(), out.nsp_loss.detach()])
             finite = torch.isfinite(losses).all()
             window += torch.stack([*torch.where(finite, losses, 0.0), one, batch["valid_len"].sum().float(),
-                                   stats["mlm_correct"], batch["mlm_weights"].sum(), (~finite).float()])
+                                   out.mlm_correct, out.mlm_count, (~finite).float()])
         state.step += 1
         state.elapsed += time.perf_counter() - step_start
         progress.update(1)
