@@ -3,7 +3,7 @@ import torch
 
 from bertds.errors import UserError
 from bertds.model import MODEL_PRESETS, BertForPreTraining, get_config, num_parameters
-from bertds.model.layers import key_padding_mask
+from bertds.model.layers import TokenLayout, key_padding_mask
 
 
 def random_batch(vocab_size, batch=3, seq_len=16, preds=4, seed=0):
@@ -115,3 +115,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_pre_layernorm_moves_the_layernorms_onto_the_branches():
+    torch.manual_seed(0)
+    post = BertForPreTraining(get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0)).eval()
+    pre = BertForPreTraining(get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0,
+                                        pre_layernorm=True)).eval()
+    assert post.bert.encoder.final_LayerNorm is None
+    assert set(pre.state_dict()) - set(post.state_dict()) == {"bert.encoder.final_LayerNorm.weight",
+                                                                "bert.encoder.final_LayerNorm.bias"}
+    layer, x = pre.bert.encoder.layer[0], torch.randn(2, 5, 128)
+    layout = TokenLayout.from_valid_lens(torch.tensor([5, 3]), 5, unpad=False)
+    with torch.no_grad():
+        h = x + layer.attention(layer.attention_LayerNorm(x), layout)
+        expected = h + layer.feed_forward(layer.output_LayerNorm(h))
+        torch.testing.assert_close(layer(x, layout), expected)
+        # post-LN: the block's output is normalised, the pre-LN residual stream is not
+        out = post.bert.encoder.layer[0](x, layout)
+        torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+        assert layer(x, layout).mean(-1).abs().max() > 1e-3

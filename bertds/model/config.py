@@ -24,6 +24,7 @@ class BertConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
+    pre_layernorm: bool = False  # pre-LN blocks + a final LayerNorm; False: BERT's post-LN blocks
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -134,7 +134,9 @@ class BertSelfAttention(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + FFN(x)), GELU FFN."""
+    """Post-LN transformer block (BERT's): x = LN(x + Attn(x)); x = LN(x + FFN(x)), GELU FFN. With
+    ``config.pre_layernorm`` the LayerNorms move onto the branches, x = x + Attn(LN(x)); x = x + FFN(LN(x)), which
+    keeps the residual stream unnormalised and trains stably at higher learning rates."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -144,16 +146,26 @@ class BertLayer(nn.Module):
         self.output = nn.Linear(config.ffn_size, config.hidden_size)
         self.output_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.dropout)
+        self.pre_layernorm = config.pre_layernorm
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.pre_layernorm:
+            x = x + self.dropout(self.attention(self.attention_LayerNorm(x), layout))
+            return x + self.dropout(self.feed_forward(self.output_LayerNorm(x)))
         x = self.attention_LayerNorm(x + self.dropout(self.attention(x, layout)))
-        return self.output_LayerNorm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
+        return self.output_LayerNorm(x + self.dropout(self.feed_forward(x)))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(F.gelu(self.intermediate(x)))
 
 
 class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
+        # Pre-LN blocks leave the residual stream unnormalised: one LayerNorm after the last block.
+        self.final_LayerNorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                                if config.pre_layernorm else None)
         self.activation_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -162,7 +174,7 @@ class BertEncoder(nn.Module):
                 x = checkpoint(layer, x, layout, use_reentrant=False)
             else:
                 x = layer(x, layout)
-        return x
+        return x if self.final_LayerNorm is None else self.final_LayerNorm(x)
 
 
 class BertPooler(nn.Module):
