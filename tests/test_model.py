@@ -37,13 +37,29 @@ def test_parameter_counts_match_bert_paper(name, expected_millions):
     assert abs(num_parameters(model) / 1e6 - expected_millions) / expected_millions < 0.01
 
 
-def test_named_configs_match_the_issue():
-    shapes = {n: (c.num_layers, c.hidden_size, c.num_heads, c.ffn_size)
-              for n, c in ((n, get_config(n)) for n in MODEL_PRESETS)}
-    assert shapes == {"tiny": (2, 128, 2, 256), "small": (2, 256, 4, 512), "base": (12, 768, 12, 3072),
-                      "large": (24, 1024, 16, 4096)}
-    assert all(get_config(n).max_position_embeddings == 512 for n in MODEL_PRESETS)
+def test_base_preset_is_hugging_faces_bert_base_and_presets_override():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertConfig()  # bert-base-uncased's shape
+    base = get_config("base")
+    assert (base.num_layers, base.hidden_size, base.num_heads, base.ffn_size, base.max_position_embeddings,
+            base.layer_norm_eps, base.initializer_range) == (hf.num_hidden_layers, hf.hidden_size,
+                                                               hf.num_attention_heads, hf.intermediate_size,
+                                                               hf.max_position_embeddings, hf.layer_norm_eps,
+                                                               hf.initializer_range)
     assert get_config("tiny", dropout=0.3).dropout == 0.3
+    assert get_config("tiny", dropout=None).dropout == get_config("tiny").dropout  # None keeps the preset's
+
+
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
+def test_built_model_follows_its_preset(name):
+    config = get_config(name, vocab_size=100)
+    with torch.device("meta"):
+        model = BertForPreTraining(config)
+    assert len(model.bert.encoder.layer) == config.num_layers
+    layer = model.bert.encoder.layer[0]
+    assert layer.attention.qkv.weight.shape == (3 * config.hidden_size, config.hidden_size)
+    assert layer.intermediate.weight.shape == (config.ffn_size, config.hidden_size)
+    assert layer.attention.num_heads == config.num_heads
 
 
 def test_unknown_model_name_is_a_user_error():

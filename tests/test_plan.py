@@ -66,15 +66,34 @@ def test_activations_match_the_megatron_formula_and_flash_drops_the_quadratic_te
     assert flash_ckpt < flash_full / 4
 
 
+def verdicts(out: str) -> dict[str, tuple[float, str, float]]:
+    """{"without checkpointing": (total GiB, verdict, headroom GiB), "with checkpointing": (...)}."""
+    found = re.findall(r"^(with(?:out)? checkpointing): ([\d.]+) GiB of [\d.]+ GiB -> (fits|does NOT fit), "
+                       r"headroom (-?[\d.]+) GiB", out, re.M)
+    return {name: (float(total), verdict, float(headroom)) for name, total, verdict, headroom in found}
+
+
 def test_fit_verdict_and_headroom(capsys):
-    assert main(["--model", "large", "--max-len", "512", "--micro-batch", "8", "--zero", "2", "--precision", "bf16",
-                 "--gpus", "64", "--gpu-memory", "80"]) == 0
+    args = ["--model", "large", "--max-len", "512", "--micro-batch", "8", "--zero", "2", "--precision", "bf16",
+            "--gpus", "64", "--gpu-memory", "80"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "335" in out or "336" in out
-    assert "without checkpointing" in out and "fits" in out
+    p = plan(PlanConfig(model="large", max_len=512, micro_batch=8, zero=2, precision="bf16", gpus=64))
+    assert re.search(r"^large: 336\.2M parameters", out, re.M)
+    lines = verdicts(out)
+    expected = {"without checkpointing": p.model_states_bytes + p.activations_bytes,
+                "with checkpointing": p.model_states_bytes + p.activations_checkpointed_bytes}
+    assert set(lines) == set(expected)
+    for name, total_bytes in expected.items():
+        total, verdict, headroom = lines[name]
+        assert total == pytest.approx(total_bytes / GiB, abs=0.006)
+        assert headroom == pytest.approx(80 - total_bytes / GiB, abs=0.006)
+        assert verdict == "fits"
     assert main(["--model", "large", "--micro-batch", "256", "--zero", "0", "--gpus", "1", "--gpu-memory",
                  "16"]) == 0
-    assert "does NOT fit" in capsys.readouterr().out
+    small = verdicts(capsys.readouterr().out)
+    assert {verdict for _, verdict, _ in small.values()} == {"does NOT fit"}
+    assert all(headroom == pytest.approx(16 - total, abs=0.011) and headroom < 0 for total, _, headroom in small.values())
 
 
 @pytest.mark.parametrize("args,message", [(["--model", "huge"], "unknown model"),
