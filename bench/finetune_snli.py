@@ -70,7 +70,8 @@ def pretraining_figures(run_dir: Path) -> str:
 
 
 def finetune(args, data_args: list[str], checkpoint: Path, output_dir: Path, seed: int) -> float:
-    subsets = ["--max-train-pairs", str(args.max_pairs), "--max-eval-pairs", str(args.max_pairs)] if args.max_pairs else []
+    subsets = ["--max-train-pairs", str(args.max_pairs), "--max-eval-pairs", str(args.max_pairs)] \
+        if args.max_pairs else []
     run([sys.executable, "launcher/finetune_snli.py", "--checkpoint", str(checkpoint), *data_args, *subsets,
          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--max-len", str(args.max_len), "--seed", str(seed), "--output-dir", str(output_dir)],
