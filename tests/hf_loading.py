@@ -6,10 +6,15 @@ transformers version (``BERTDS_HF_LEGACY_PYTHON``):
     python tests/hf_loading.py DIR '{"texts": [["a crane", "he left"]], "model": "BertForPreTraining"}'
 """
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import transformers
+
+LEGACY_PYTHON = os.environ.get("BERTDS_HF_LEGACY_PYTHON")  # an interpreter with the oldest supported transformers
 
 TOKENIZER_CLASSES = ("AutoTokenizer", "PreTrainedTokenizerFast", "BertTokenizerFast", "BertTokenizer")
 
@@ -54,6 +59,14 @@ def report(directory: str, request: dict) -> dict:
     if "fill_mask" in request:
         result["fill_mask"] = fill_mask(directory, request["fill_mask"])
     return result
+
+
+def legacy_report(directory, request: dict) -> dict:
+    """``report`` computed by ``LEGACY_PYTHON``."""
+    result = subprocess.run([LEGACY_PYTHON, __file__, str(directory), json.dumps(request)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,4 @@
 import json
-import os
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,11 +13,9 @@ from bertds.encode import pack
 from bertds.engine.train import TrainConfig
 from bertds.export import load_checkpoint, main as export_main
 from bertds.hf import load_hf_pretrained, save_hf, to_hf_state_dict
-from tests.conftest import REPO
-from tests.hf_loading import report
+from tests.hf_loading import LEGACY_PYTHON, legacy_report, report
 
 SENTENCES = ["a crane is flying over the river", "a crane driver came", "he just left", "the river is wide"]
-LEGACY_PYTHON = os.environ.get("BERTDS_HF_LEGACY_PYTHON")  # an interpreter with the oldest supported transformers
 
 
 def random_model(tie: bool = True, seed: int = 0, vocab: Vocab | None = None,
@@ -212,15 +208,6 @@ def exports(tmp_path_factory) -> dict:
     return exported
 
 
-def loading_report(directory, request: dict, python: str) -> dict:
-    if python == "current":
-        return report(str(directory), request)
-    result = subprocess.run([LEGACY_PYTHON, str(REPO / "tests" / "hf_loading.py"), str(directory),
-                             json.dumps(request)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
-
-
 def bertds_pair_logits(model: BertForPreTraining, vocab: Vocab, a: str, b: str) -> tuple[torch.Tensor, ...]:
     ids, segments = pack(vocab, a, b)
     with torch.no_grad():
@@ -236,7 +223,8 @@ def test_every_documented_way_to_load_the_export_gives_bertds_ids_and_logits(exp
         pytest.skip("BERTDS_HF_LEGACY_PYTHON is not set (.ci/run builds a transformers 4.57 environment)")
     directory, model, vocab = exports[kind]
     masked = f"a crane is {vocab.special_tokens['mask']}"
-    result = loading_report(directory, {"texts": TEXTS, "model": "BertForPreTraining", "fill_mask": masked}, python)
+    request = {"texts": TEXTS, "model": "BertForPreTraining", "fill_mask": masked}
+    result = report(str(directory), request) if python == "current" else legacy_report(directory, request)
     legacy = result["version"].startswith("4.")
     assert legacy == (python == "legacy")
     expected = [pack(vocab, a, b) for a, b in TEXTS]

@@ -182,6 +182,7 @@ def saved_classifier(tmp_path):
 
 def test_a_fine_tuned_classifier_exports_to_bert_for_sequence_classification(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from tests.hf_loading import LEGACY_PYTHON, legacy_report
     from bertds.encode import pack
     from bertds.export import main as export_main
     classifier, vocab = saved_classifier(tmp_path)
@@ -202,6 +203,11 @@ def test_a_fine_tuned_classifier_exports_to_bert_for_sequence_classification(tmp
         ours = classifier(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].sum(-1))
     assert ours.std() > 0.1  # logits that a mis-mapped weight would visibly change
     torch.testing.assert_close(hf, ours, atol=1e-5, rtol=0)
+    if LEGACY_PYTHON:  # the oldest supported transformers loads it alike
+        request = {"texts": [list(pair) for pair in pairs], "model": "BertForSequenceClassification"}
+        report = legacy_report(tmp_path / "hf", request)["model"]
+        assert report["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+        torch.testing.assert_close(torch.tensor(report["logits"]["logits"]), ours, atol=1e-5, rtol=0)
     card = (tmp_path / "hf" / "README.md").read_text()
     for fact in ("pipeline_tag: text-classification", "| labels | entailment, neutral, contradiction |",
                  "| dev accuracy | 0.6250 (SNLI dev) |", "| fine-tuned on | SNLI train (local) |", "| epochs | 3 |"):
