@@ -20,7 +20,8 @@ setup(
         # CPU machines: the pinned CPU build (an unpinned torch pulls a multi-GB CUDA build).
         "cpu": ["torch==2.13.0"],
         "test": ["pytest>=8"],
-        # Hugging Face export/import (python -m bertds.export, --init-from-hf).
-        "hf": ["transformers>=4.56", "safetensors"],
+        # Hugging Face export/import (python -m bertds.export, --init-from-hf). The tests load exports with the
+        # newest transformers and with 4.57 (.ci/run's second environment), so the range starts there.
+        "hf": ["transformers>=4.57", "safetensors", "huggingface_hub"],
     },
 )

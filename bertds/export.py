@@ -1,10 +1,13 @@
 """Loading any bertds checkpoint, and exporting it as a Hugging Face directory.
 
-    python -m bertds.export --checkpoint runs/pretrain --out runs/pretrain-hf
+    python -m bertds.export --checkpoint runs/pretrain --out runs/pretrain-hf [--push-to-hub USER/NAME]
+    python -m bertds.export --checkpoint runs/finetune_snli/best --out runs/snli-hf
 
 ``--checkpoint`` is a finished run (``model.pt``), or a DeepSpeed checkpoint: a directory with a ``latest`` file
 (``OUTPUT/checkpoints``), a run directory holding one, or one tag directory. ZeRO checkpoints are consolidated to
-fp32 with DeepSpeed's ``zero_to_fp32`` first.
+fp32 with DeepSpeed's ``zero_to_fp32`` first. A pretrained model becomes a ``BertForPreTraining`` directory, a
+fine-tuned classifier (a fine-tuning run's ``best/``) a ``BertForSequenceClassification`` one; both get the
+tokenizer files, the trained max_len as the tokenizer's ``model_max_length``, and a model card (README.md).
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import torch
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 from bertds.model import BertConfig, BertForPreTraining
+from bertds.model_card import (FINETUNE_RECORD, RUN_RECORD, classifier_card, pretraining_card, read_record,
+                               trained_max_len, write_model_card)
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+from bertds.tasks.classifier import CLASSIFIER_FILE, load_classifier
 
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file without ZeRO-3 (ZeRO-3: zero_pp_rank_*_...)
@@ -54,10 +60,21 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPreTraining, Vocab]:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist; pass a finished run's --output-dir or a DeepSpeed "
                         "checkpoint directory")
+    if (path / CLASSIFIER_FILE).is_file():
+        raise UserError(f"{path} is a fine-tuned classifier, not a pretrained BERT; load it with "
+                        "bertds.tasks.load_classifier (python -m bertds.export turns it into a "
+                        "BertForSequenceClassification)")
     if (path / WEIGHTS_FILE).is_file():
-        return load_pretrained(path)
+        try:
+            return load_pretrained(path)
+        except RuntimeError as e:  # load_state_dict: the weights of another module
+            raise UserError(f"{path / WEIGHTS_FILE} holds no bertds BertForPreTraining weights "
+                            f"({str(e).splitlines()[0][:160]}); pass a pretraining run, its checkpoints/, or a "
+                            "fine-tuning run's best/ directory") from None
     found = find_deepspeed_checkpoint(path)
     if found is None:
+        if (path / "best" / CLASSIFIER_FILE).is_file():
+            raise UserError(f"{path} is a fine-tuning run; pass its best/ directory ({path / 'best'})")
         raise UserError(f"{path} is neither a finished bertds run (no {WEIGHTS_FILE}) nor a DeepSpeed checkpoint "
                         f"(no '{LATEST}' file, no *model_states.pt); pass a run's --output-dir or its checkpoints/")
     root, tag = found
@@ -72,19 +89,83 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPreTraining, Vocab]:
     return model.eval(), vocab
 
 
+def export_pretrained(path: Path, out: Path, max_len: int | None, name: str) -> str:
+    """A pretrained model as a BertForPreTraining directory; returns the transformers class to load it with."""
+    from bertds.hf import check_post_layernorm, describe_architecture, save_hf
+    model, vocab = load_checkpoint(path)
+    check_post_layernorm(model.config.pre_layernorm, str(path))
+    found = None if (path / WEIGHTS_FILE).is_file() else find_deepspeed_checkpoint(path)
+    run_dir, tag = (path, None) if found is None else (found[0].parent, found[1])
+    record = read_record(run_dir, RUN_RECORD)
+    max_len = max_len or trained_max_len(record)
+    if max_len is None:
+        max_len = model.config.max_position_embeddings
+        print(f"note: no {RUN_RECORD} in {run_dir} says which max_len the model was trained at; the tokenizer "
+              f"allows all {max_len} positions (pass --max-len to record the trained one)", file=sys.stderr)
+    if max_len > model.config.max_position_embeddings:
+        raise UserError(f"--max-len {max_len} exceeds the model's {model.config.max_position_embeddings} positions; "
+                        "pass the length the model was trained at")
+    tokenizer_class = save_hf(model, vocab, out, max_len)
+    write_model_card(out, pretraining_card(describe_architecture(model.config), record, tag, max_len,
+                                           tokenizer_class, len(vocab), name))
+    return "BertForPreTraining"
+
+
+def export_classifier(path: Path, out: Path, name: str) -> str:
+    """A fine-tuned classifier (``best/``) as a BertForSequenceClassification directory."""
+    from bertds.hf import describe_architecture, save_hf_classifier
+    classifier, vocab, info = load_classifier(path)
+    tokenizer_class = save_hf_classifier(classifier, vocab, info["labels"], out, info["max_len"])
+    write_model_card(out, classifier_card(describe_architecture(classifier.bert.config), info,
+                                          read_record(path.parent, FINETUNE_RECORD), tokenizer_class, name))
+    return "BertForSequenceClassification"
+
+
+def push_to_hub(directory: Path, repo_id: str) -> str:
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub; install it with pip install -e '.[hf]'") from None
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(directory),
+                                     commit_message="Upload BERT exported by bertds"))
+    except Exception as e:  # network, authentication and hub errors share no base class
+        raise UserError(f"could not push {directory} to the hub repository {repo_id} ({type(e).__name__}: "
+                        f"{str(e)[:200]}); check the network and log in with `hf auth login`") from None
+
+
+def export(checkpoint: str, out: str, max_len: int | None = None, name: str | None = None) -> tuple[Path, str]:
+    """Writes the Hugging Face directory ``out``; returns it and the transformers class that loads it. ``name``:
+    what the model card's code loads (a hub repository; default ``out``)."""
+    path, out_dir = Path(checkpoint), Path(out)
+    if out_dir.resolve() == path.resolve() or (out_dir / WEIGHTS_FILE).exists() or (out_dir / LATEST).exists():
+        raise UserError(f"--out {out_dir} holds a bertds run or checkpoint, which the export would overwrite; "
+                        "choose another --out directory")
+    if (path / CLASSIFIER_FILE).is_file():
+        return out_dir, export_classifier(path, out_dir, name or out)
+    return out_dir, export_pretrained(path, out_dir, max_len, name or out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="finished run directory or DeepSpeed checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="finished run directory, DeepSpeed checkpoint, or a fine-tuning run's best/")
     parser.add_argument("--out", required=True, help="Hugging Face directory to write")
+    parser.add_argument("--max-len", type=int, help="the tokenizer's model_max_length; default: the length the "
+                                                    "run trained at (its train_config.json)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the directory to this Hugging Face "
+                                                                 "hub repository (huggingface_hub, logged in)")
     args = parser.parse_args(argv)
     try:
-        from bertds.hf import save_hf
-        model, vocab = load_checkpoint(args.checkpoint)
-        out = save_hf(model, vocab, args.out)
+        out, model_class = export(args.checkpoint, args.out, args.max_len, args.push_to_hub)
+        pushed = push_to_hub(out, args.push_to_hub) if args.push_to_hub else None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"exported {args.checkpoint} to {out}: transformers.BertForPreTraining.from_pretrained('{out}')")
+    print(f"exported {args.checkpoint} to {out}: transformers.{model_class}.from_pretrained('{out}'), "
+          f"transformers.AutoTokenizer.from_pretrained('{out}')" + (f"; pushed: {pushed}" if pushed else ""))
     return 0
 
 

@@ -3,9 +3,14 @@
 bertds names follow ``modeling_bert`` except the fused ``qkv`` projection (split into query/key/value for Hugging
 Face, concatenated back on import), the layer sub-module names, and the pretraining heads (``mlm``/``nsp`` here,
 ``cls.predictions``/``cls.seq_relationship`` there). ``transformers`` is an optional dependency (the ``hf`` extra).
+
+NSP: bertds' data label and head index 1 mean "B follows A" (0: B is a random sentence); Hugging Face's and Google's
+``seq_relationship`` use index 0 for "B continues A" (``next_sentence_label``). The two rows of the head are swapped
+on export and on import, so an exported ``BertForNextSentencePrediction`` and bertds agree on which pairs follow.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,14 +21,22 @@ from bertds.errors import UserError
 from bertds.model import BertConfig, BertForPreTraining
 
 VOCAB_TXT = "vocab.txt"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 QKV = ("query", "key", "value")
 # Inside bert.encoder.layer.N: bertds sub-module -> modeling_bert sub-module.
 LAYER_NAMES = {"attention.dense": "attention.output.dense", "attention_LayerNorm": "attention.output.LayerNorm",
                "intermediate": "intermediate.dense", "output": "output.dense", "output_LayerNorm": "output.LayerNorm"}
+NSP_HEAD = "nsp.seq_relationship"
 HEAD_NAMES = {"mlm.dense": "cls.predictions.transform.dense", "mlm.LayerNorm": "cls.predictions.transform.LayerNorm",
-              "nsp.seq_relationship": "cls.seq_relationship"}
+              NSP_HEAD: "cls.seq_relationship"}
+CLASSIFIER_NAMES = {"output.weight": "classifier.weight", "output.bias": "classifier.bias"}
 # modeling_bert keeps the MLM output bias as cls.predictions.bias and aliases it as the decoder's bias.
 HF_DECODER_BIAS = "cls.predictions.decoder.bias"
+# BertTokenizer(Fast) rebuilds its pipeline from these (transformers 5 ignores tokenizer.json's for it).
+WORDPIECE_DEFAULTS = {"continuing_subword_prefix": "##", "max_input_chars_per_word": 100}
 
 
 def require_transformers():
@@ -54,15 +67,28 @@ def weight_names(config: BertConfig) -> dict[str, str | tuple[str, str, str]]:
     return names
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
+def classifier_weight_names(config: BertConfig) -> dict[str, str | tuple[str, str, str]]:
+    """``BertClassifier`` (encoder, pooler, output layer) -> ``BertForSequenceClassification``."""
+    encoder = {ours: theirs for ours, theirs in weight_names(config).items() if ours.startswith("bert.")}
+    return {**encoder, **CLASSIFIER_NAMES}
+
+
+def _nsp_mapped(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The NSP head with its two rows swapped: bertds' 1 = follows <-> Hugging Face's 0 = continues (module doc)."""
+    return tensor.flip(0) if name.startswith(NSP_HEAD) else tensor
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: BertConfig,
+                     names: dict | None = None) -> dict[str, torch.Tensor]:
     hf: dict[str, torch.Tensor] = {}
-    for ours, theirs in weight_names(config).items():
-        tensor = state_dict[ours].detach().float().cpu()
+    for ours, theirs in (names or weight_names(config)).items():
+        tensor = _nsp_mapped(ours, state_dict[ours].detach().float().cpu())
         if isinstance(theirs, tuple):  # rows of the fused projection: query, then key, then value
             hf.update(zip(theirs, (t.clone() for t in tensor.chunk(3))))
         else:
             hf[theirs] = tensor
-    hf[HF_DECODER_BIAS] = hf["cls.predictions.bias"]
+    if "cls.predictions.bias" in hf:
+        hf[HF_DECODER_BIAS] = hf["cls.predictions.bias"]
     return hf
 
 
@@ -73,12 +99,21 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: BertConfig, source: 
     if missing:
         raise UserError(f"{source} lacks the BERT weights {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
                         "pass a transformers BertForPreTraining (or BertModel + heads) directory")
-    return {ours: torch.cat([hf[n] for n in theirs]) if isinstance(theirs, tuple) else hf[theirs]
+    return {ours: _nsp_mapped(ours, torch.cat([hf[n] for n in theirs]) if isinstance(theirs, tuple) else hf[theirs])
             for ours, theirs in names.items()}
 
 
-def to_hf_config(config: BertConfig):
+def check_post_layernorm(pre_layernorm: bool, source: str) -> None:
+    if pre_layernorm:
+        raise UserError(f"{source} is a pre-LayerNorm model (--pre-ln); Hugging Face's BertForPreTraining is "
+                        "post-LN and would compute something else from its weights, so it is neither exported nor "
+                        "imported: use it with bertds (bertds.load_pretrained), or train without --pre-ln to export")
+
+
+def to_hf_config(config: BertConfig, **extra):
+    """transformers' BertConfig of ``config``; ``extra`` adds e.g. the labels of a classifier."""
     transformers = require_transformers()
+    check_post_layernorm(config.pre_layernorm, "the model")
     return transformers.BertConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, intermediate_size=config.ffn_size, hidden_act="gelu",
@@ -86,11 +121,12 @@ def to_hf_config(config: BertConfig):
         max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
         initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
         pad_token_id=config.pad_token_id, tie_word_embeddings=config.tie_word_embeddings,
-        architectures=["BertForPreTraining"])
+        **{"architectures": ["BertForPreTraining"], **extra})
 
 
 def from_hf_config(hf_config, source: str) -> BertConfig:
     """bertds computes exact-GELU, absolute-position, post-LN BERT; other variants are refused, not approximated."""
+    check_post_layernorm(getattr(hf_config, "pre_layernorm", False), source)
     if hf_config.hidden_act != "gelu":
         raise UserError(f"{source} uses hidden_act '{hf_config.hidden_act}'; bertds implements BERT's exact "
                         "'gelu' only, so start from a standard BERT checkpoint")
@@ -107,6 +143,32 @@ def from_hf_config(hf_config, source: str) -> BertConfig:
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0)
 
 
+def describe_architecture(config: BertConfig) -> str:
+    return (f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
+            f"FFN {config.ffn_size}")
+
+
+def loaded_model_name(config: BertConfig, directory: str) -> str:
+    """What a run started from a Hugging Face directory records as its model (not the unused --model preset)."""
+    return f"{describe_architecture(config)} from {directory}"
+
+
+def bert_tokenizer_settings(vocab: Vocab) -> dict | None:
+    """The ``BertTokenizer(Fast)`` arguments that rebuild exactly ``vocab``'s tokenization from vocab.txt, or None
+    when none do: BERT's basic tokenizer splits punctuation and strips accents, d2l's word vocabulary does not."""
+    spec = json.loads(vocab.tokenizer.to_str())
+    model, normalizer = spec["model"], spec.get("normalizer") or {}
+    is_bert = (model["type"] == "WordPiece" and model.get("unk_token") == vocab.special_tokens["unk"]
+               and all(model.get(k) == v for k, v in WORDPIECE_DEFAULTS.items())
+               and normalizer.get("type") == "BertNormalizer" and normalizer.get("clean_text")
+               and normalizer.get("handle_chinese_chars")
+               and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer")
+    if not is_bert:
+        return None
+    return {"do_lower_case": normalizer["lowercase"], "strip_accents": normalizer["strip_accents"],
+            "tokenize_chinese_chars": True}
+
+
 def hf_tokenizer(vocab: Vocab, model_max_length: int):
     """A ``transformers`` fast tokenizer that tokenizes exactly as ``vocab`` and packs ``<cls> A <sep> B <sep>``
     with token type ids 0/1, as bertds does (for the word vocabulary HF's BertTokenizer would split differently)."""
@@ -117,26 +179,67 @@ def hf_tokenizer(vocab: Vocab, model_max_length: int):
         single=f"{cls} $A {sep}", pair=f"{cls} $A:0 {sep}:0 $B:1 {sep}:1",
         special_tokens=[(cls, vocab.cls_id), (sep, vocab.sep_id)])
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=model_max_length,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        tokenizer_object=tokenizer, model_max_length=model_max_length, model_input_names=MODEL_INPUT_NAMES,
         **{f"{role}_token": token for role, token in vocab.special_tokens.items()})
 
 
-def save_hf(model: BertForPreTraining, vocab: Vocab, directory: str | Path) -> Path:
-    """Writes a directory ``transformers.BertForPreTraining.from_pretrained`` loads: config.json, model.safetensors,
-    vocab.txt (tokens in id order), tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    transformers = require_transformers()
+def save_hf_tokenizer(vocab: Vocab, directory: Path, max_len: int) -> str:
+    """tokenizer.json, a tokenizer_config.json that transformers 4.57 and 5 read alike, special_tokens_map.json, and
+    vocab.txt where BERT's tokenizer reproduces ``vocab`` from it. Returns the tokenizer class to load it with."""
+    settings = bert_tokenizer_settings(vocab)
+    # Written by hand: transformers 5's save_pretrained names a class ("TokenizersBackend") 4.x does not have.
+    tokenizer_class = "BertTokenizerFast" if settings is not None else "PreTrainedTokenizerFast"
+    special = {f"{role}_token": token for role, token in vocab.special_tokens.items()}
+    hf_tokenizer(vocab, max_len).backend_tokenizer.save(str(directory / TOKENIZER_JSON))
+    config = {"tokenizer_class": tokenizer_class, "model_max_length": max_len, "model_input_names": MODEL_INPUT_NAMES,
+              "clean_up_tokenization_spaces": False, **special, **(settings or {})}
+    (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / SPECIAL_TOKENS_MAP).write_text(json.dumps(special, indent=2) + "\n")
+    if settings is not None:
+        by_id = sorted(vocab.tokenizer.get_vocab().items(), key=lambda item: item[1])
+        if [i for _, i in by_id] != list(range(len(by_id))):
+            raise UserError("the vocabulary's ids are not contiguous from 0, so no vocab.txt can list them; "
+                            "rebuild the tokenizer with bertds")
+        (directory / VOCAB_TXT).write_text("".join(f"{token}\n" for token, _ in by_id))
+    return tokenizer_class
+
+
+def _save(hf_model, vocab: Vocab, directory: str | Path, max_len: int) -> str:
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(directory)  # safetensors; a tied decoder is stored once
+    return save_hf_tokenizer(vocab, directory, max_len)
+
+
+def save_hf(model: BertForPreTraining, vocab: Vocab, directory: str | Path, max_len: int | None = None) -> str:
+    """Writes a directory ``transformers.BertForPreTraining.from_pretrained`` loads: config.json, model.safetensors
+    and the tokenizer files (``save_hf_tokenizer``; ``max_len``: the trained length, default all positions).
+    Returns the tokenizer class that reproduces bertds' ids."""
+    transformers = require_transformers()
     hf_model = transformers.BertForPreTraining(to_hf_config(model.config))
     hf_model.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=True)
-    hf_model.save_pretrained(directory)  # safetensors; a tied decoder is stored once
-    hf_tokenizer(vocab, model.config.max_position_embeddings).save_pretrained(directory)
-    by_id = sorted(vocab.tokenizer.get_vocab().items(), key=lambda item: item[1])
-    if [i for _, i in by_id] != list(range(len(by_id))):
-        raise UserError("the vocabulary's ids are not contiguous from 0, so no vocab.txt can list them; "
-                        "rebuild the tokenizer with bertds")
-    (directory / VOCAB_TXT).write_text("".join(f"{token}\n" for token, _ in by_id))
-    return directory
+    return _save(hf_model, vocab, directory, max_len or model.config.max_position_embeddings)
+
+
+def save_hf_classifier(classifier: torch.nn.Module, vocab: Vocab, labels: list[str], directory: str | Path,
+                       max_len: int) -> str:
+    """A fine-tuned ``BertClassifier`` as a ``transformers.BertForSequenceClassification`` directory, with its
+    labels as ``id2label`` / ``label2id``. Returns the tokenizer class (see ``save_hf``)."""
+    transformers = require_transformers()
+    config = classifier.bert.config
+    hf_config = to_hf_config(config, architectures=["BertForSequenceClassification"], num_labels=len(labels),
+                             id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                             problem_type="single_label_classification")
+    hf_model = transformers.BertForSequenceClassification(hf_config)
+    hf_model.load_state_dict(to_hf_state_dict(classifier.state_dict(), config, classifier_weight_names(config)),
+                             strict=True)
+    return _save(hf_model, vocab, directory, max_len)
+
+
+def is_hf_directory(directory: str | Path) -> bool:
+    """A transformers model directory (its config.json names a model_type; bertds' own config.json does not)."""
+    config = Path(directory) / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def load_hf_vocab(directory: str | Path) -> Vocab:

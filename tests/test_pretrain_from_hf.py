@@ -1,4 +1,6 @@
 """launcher/pretrain.py --init-from-hf: continue pretraining from a Hugging Face BERT directory."""
+import json
+
 import pytest
 
 from bertds.engine.tracking import read_metrics
@@ -26,3 +28,7 @@ def test_pretraining_continues_from_an_exported_hugging_face_directory(exported,
     first_hf, first_scratch = read_metrics(tmp_path / "hf")[0], read_metrics(tmp_path / "scratch")[0]
     assert first_hf["mlm_loss"] < first_scratch["mlm_loss"] - 1.0  # the pretrained weights were loaded
     assert first_hf["mlm_loss"] <= read_metrics(run)[-1]["mlm_loss"] + 0.5
+    # The run records the architecture it loaded, not the --model preset it did not use.
+    loaded = f"2 layers, hidden 128, 2 heads, FFN 256 from {hf_dir}"
+    assert json.loads((tmp_path / "hf" / "train_config.json").read_text())["train"]["model"] == loaded
+    assert f"model: {loaded}, " in from_hf.stdout

@@ -157,3 +157,72 @@ def test_finetuning_without_a_train_split_exits_2(launch, tmp_path):
     result = launch("finetune_snli.py", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(data_dir))
     assert result.returncode == 2, result.log[-2000:]
     assert f"error: no train split in {data_dir}" in result.stderr
+
+
+# --- the fine-tuned classifier leaves bertds ----------------------------------------------------------------------
+
+def saved_classifier(tmp_path):
+    """A fine-tuning run directory (finetune_config.json, best/) holding a classifier with every weight random."""
+    from bertds import BertForPreTraining, get_config
+    from bertds.tasks import BertClassifier, save_classifier
+    vocab = Vocab.train_word_level(["a man is sleeping", "a man is running", "two women are embracing"], min_freq=1)
+    torch.manual_seed(0)
+    classifier = BertClassifier(BertForPreTraining(get_config("tiny", vocab_size=len(vocab),
+                                                              pad_token_id=vocab.pad_id)).bert, len(LABELS))
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    info = {"labels": list(LABELS), "max_len": 32, "epoch": 2, "selected_on": "dev",
+            "accuracies": {"train_acc": 0.7, "dev_acc": 0.625, "test_acc": 0.5}, "eval_sources": {"dev": "SNLI dev"}}
+    save_classifier(classifier.state_dict(), classifier.bert.config, vocab, info, tmp_path / "ft" / "best")
+    (tmp_path / "ft" / "finetune_config.json").write_text(json.dumps(
+        {"finetune": {"epochs": 3, "lr": 1e-4}, "result": {"train_source": "SNLI train (local)"}}))
+    return classifier.eval(), vocab
+
+
+def test_a_fine_tuned_classifier_exports_to_bert_for_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_loading import LEGACY_PYTHON, legacy_report
+    from bertds.encode import pack
+    from bertds.export import main as export_main
+    classifier, vocab = saved_classifier(tmp_path)
+    assert export_main(["--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(tmp_path / "hf")]) == 0
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf_model).__name__ == "BertForSequenceClassification"
+    assert hf_model.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
+    assert hf_model.config.label2id == {"entailment": 0, "neutral": 1, "contradiction": 2}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.model_max_length == 32
+    pairs = [("a man is sleeping", "a man is running"), ("two women are embracing", "a man")]
+    batch = tokenizer([p for p, _ in pairs], [h for _, h in pairs], padding=True, return_tensors="pt")
+    packed = [pack(vocab, p, h) for p, h in pairs]
+    assert [ids for ids, _ in packed] == [row[:n].tolist() for row, n in zip(batch["input_ids"],
+                                                                              batch["attention_mask"].sum(-1))]
+    with torch.no_grad():
+        hf = hf_model(**batch).logits
+        ours = classifier(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].sum(-1))
+    assert ours.std() > 0.1  # logits that a mis-mapped weight would visibly change
+    torch.testing.assert_close(hf, ours, atol=1e-5, rtol=0)
+    if LEGACY_PYTHON:  # the oldest supported transformers loads it alike
+        request = {"texts": [list(pair) for pair in pairs], "model": "BertForSequenceClassification"}
+        report = legacy_report(tmp_path / "hf", request)["model"]
+        assert report["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+        torch.testing.assert_close(torch.tensor(report["logits"]["logits"]), ours, atol=1e-5, rtol=0)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    for fact in ("pipeline_tag: text-classification", "| labels | entailment, neutral, contradiction |",
+                 "| dev accuracy | 0.6250 (SNLI dev) |", "| fine-tuned on | SNLI train (local) |", "| epochs | 3 |"):
+        assert fact in card, fact
+
+
+def test_exporting_a_fine_tuning_run_or_foreign_weights_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from bertds.export import main as export_main
+    classifier, vocab = saved_classifier(tmp_path)
+    assert export_main(["--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'ft'} is a fine-tuning run; pass its best/ "
+                                               f"directory ({tmp_path / 'ft' / 'best'})")
+    (tmp_path / "ft" / "best" / "classifier.json").unlink()  # model.pt now holds a classifier no file describes
+    assert export_main(["--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'ft' / 'best' / 'model.pt'} holds no bertds "
+                                               "BertForPreTraining weights")

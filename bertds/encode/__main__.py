@@ -1,6 +1,9 @@
 """Print BERT representations of a text or a text pair:
 
     python -m bertds.encode --checkpoint runs/pretrain "a crane is flying" [--pair "he just left"] [--json]
+
+``--checkpoint`` is a finished run, a DeepSpeed checkpoint, or a Hugging Face BERT directory (e.g. one written by
+``python -m bertds.export``). Only the result goes to stdout; warnings and logs go to stderr.
 """
 import argparse
 import json
@@ -12,16 +15,25 @@ from bertds.errors import UserError
 SHOWN_ELEMENTS = 8  # of the <cls> vector, in the plain-text output
 
 
+def load_model(path: str):
+    """(model, vocabulary) from a bertds checkpoint or a Hugging Face directory."""
+    from bertds.hf import is_hf_directory, load_hf_pretrained
+    if is_hf_directory(path):
+        return load_hf_pretrained(path)
+    from bertds.export import load_checkpoint
+    return load_checkpoint(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", help="the (first) text")
     parser.add_argument("--pair", help="a second text: encodes <cls> text <sep> pair <sep> with segments 0/1")
-    parser.add_argument("--checkpoint", required=True, help="finished run directory or DeepSpeed checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="finished run directory, DeepSpeed checkpoint or Hugging Face BERT directory")
     parser.add_argument("--json", action="store_true", help="print tokens, segments and all vectors as JSON")
     args = parser.parse_args(argv)
     try:
-        from bertds.export import load_checkpoint
-        model, vocab = load_checkpoint(args.checkpoint)
+        model, vocab = load_model(args.checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

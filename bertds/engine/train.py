@@ -5,7 +5,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import deepspeed
@@ -24,6 +24,7 @@ from bertds.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from bertds.engine.step import micro_step
 from bertds.engine.tracking import METRICS_FILE, Tracker
 from bertds.errors import UserError
+from bertds.hf import loaded_model_name
 from bertds.model import BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import WEIGHTS_FILE, load_pretrained, save_pretrained
 
@@ -129,6 +130,7 @@ def train(cfg: TrainConfig) -> RunState:
     data = prepare_for_training(cfg.data, rank)
     torch.manual_seed(cfg.data.seed)
     model = build_model(cfg, data.vocab)
+    cfg = replace(cfg, model=loaded_model_name(model.config, cfg.init_from_hf)) if cfg.init_from_hf else cfg
     if checkpoint is not None:
         check_compatible(checkpoint, model.config, data.vocab)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=engine_config,
