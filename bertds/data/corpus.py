@@ -74,12 +74,13 @@ def load_lines(source: CorpusSource, split: str = "train") -> datasets.Dataset:
 
 
 def _split_paragraphs(batch: dict) -> dict:
-    sentences = (line.strip().lower().split(" . ") for line in batch["text"])
-    return {"sentences": [s for s in sentences if len(s) >= 2]}
+    return {"sentences": [line.strip().lower().split(" . ") for line in batch["text"]
+                          if len(line.split(" . ")) >= 2]}
 
 
 def load_paragraphs(source: CorpusSource, split: str = "train") -> datasets.Dataset:
-    """d2l's ``_read_wiki``: lower-cased lines with at least two sentences (split on ' . '), column ``sentences``."""
+    """d2l's ``_read_wiki``: the lines holding a ' . ' (tested before stripping, so a one-sentence line ending in
+    " . " is kept), stripped, lower-cased and split into sentences on ' . ', column ``sentences``."""
     lines = load_lines(source, split)
     paragraphs = lines.map(_split_paragraphs, batched=True, remove_columns=lines.column_names,
                            keep_in_memory=True)

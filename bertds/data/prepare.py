@@ -29,7 +29,7 @@ from bertds.data.tokenizer import (D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, 
                                    describe_vocab, tokenizer_recipe)
 from bertds.errors import UserError
 
-FORMAT_VERSION = 3  # bump when the example semantics or the layout change, so stale caches are not reused
+FORMAT_VERSION = 4  # bump when the example semantics or the layout change, so stale caches are not reused
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 DOCUMENTS_PER_CHUNK = 256  # documents whose examples are made together (random NSP segments come from them)
