@@ -26,6 +26,15 @@ from bertds.errors import UserError
 DATA_DIR_ENV = "BERTDS_DATA_DIR"
 WIKITEXT_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-v1")
+SPLIT_ALIASES = {"valid": "validation"}  # WikiText's own file name for the validation split
+
+
+def wikitext_split(split: str) -> str:
+    """``--split`` as a WikiText split name: train, validation (also ``valid``) or test."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in WIKITEXT_FILES:
+        raise UserError(f"--split {split}: unknown split; use {', '.join(WIKITEXT_FILES)} (or valid)")
+    return split
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class CorpusSource:
 
     def file(self, split: str) -> Path:
         assert self.data_dir is not None
-        path = self.data_dir / WIKITEXT_FILES[split]
+        path = self.data_dir / WIKITEXT_FILES[wikitext_split(split)]
         if not path.is_file():
             raise UserError(f"{path} is missing; the data directory must hold the WikiText-2 files "
                             f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)")
@@ -69,7 +78,7 @@ class CorpusSource:
 def load_lines(source: CorpusSource, split: str = "train") -> datasets.Dataset:
     """One row per line of the split, column ``text``."""
     if source.data_dir is None:
-        return datasets.load_dataset(*HUB_DATASET, split=split)
+        return datasets.load_dataset(*HUB_DATASET, split=wikitext_split(split))
     return datasets.Dataset.from_dict({"text": source.file(split).read_text(encoding="utf-8").splitlines()})
 
 
@@ -162,7 +171,11 @@ def read_lines(path: Path) -> pa.Array:
 def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: str = "train") -> Corpus:
     """``--corpus`` values: None (WikiText-2 from --data-dir, env BERTDS_DATA_DIR or the hub), a WikiText name
     (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
-    or local files / directories of .txt, .jsonl, .parquet files."""
+    or local files / directories of .txt, .jsonl, .parquet files. ``split`` is checked (and ``valid`` read as
+    ``validation``) for all but other hub datasets, whose splits are their own."""
+    if not (names and len(names) == 1 and names[0].startswith(HUB_PREFIX)
+            and names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]):
+        split = wikitext_split(split)
     if not names:
         source = CorpusSource.resolve(data_dir)
         if source.data_dir is None:
