@@ -116,6 +116,7 @@ class Corpus:
     hub: tuple[str, str | None] | None = None
     split: str = "train"
     wikitext: bool = False  # " = Title = " documents and "<unk>" for unknown words
+    tokenized: bool = False  # WikiText's tokenized text: sentences end at the stand-alone tokens . ! ?
 
     def fingerprint(self) -> str:
         if self.hub is not None:
@@ -179,21 +180,23 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     if not names:
         source = CorpusSource.resolve(data_dir)
         if source.data_dir is None:
-            return Corpus(hub=HUB_DATASET, split=split, wikitext=True)
-        return Corpus(files=(source.file(split),), split=split, wikitext=True)
+            return Corpus(hub=HUB_DATASET, split=split, wikitext=True, tokenized=True)
+        return Corpus(files=(source.file(split),), split=split, wikitext=True, tokenized=True)
     if len(names) == 1 and names[0] in WIKITEXT_NAMES:
         config, kind = WIKITEXT_NAMES[names[0]]
         chosen = data_dir or os.environ.get(DATA_DIR_ENV)
         if not chosen:
-            return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True)
+            return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True, tokenized=kind == "tokens")
         path = Path(chosen).expanduser() / WIKITEXT_FILES[split].replace(".tokens", f".{kind}")
         if not path.is_file():
             raise UserError(f"{path} is missing; point --data-dir at the {names[0]} files, or leave it unset "
                             "to download from the hub")
-        return Corpus(files=(path,), split=split, wikitext=True)
+        return Corpus(files=(path,), split=split, wikitext=True, tokenized=kind == "tokens")
     if len(names) == 1 and names[0].startswith(HUB_PREFIX):
         name, _, config = names[0][len(HUB_PREFIX):].partition(":")
-        return Corpus(hub=(name, config or None), split=split, wikitext=name == HUB_DATASET[0])
+        wikitext = name == HUB_DATASET[0]
+        return Corpus(hub=(name, config or None), split=split, wikitext=wikitext,
+                      tokenized=wikitext and "raw" not in config)
     files: list[Path] = []
     for name in names:
         path = Path(name).expanduser()
@@ -214,7 +217,8 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     if empty:
         raise UserError(f"corpus file(s) {', '.join(empty)} are empty; remove them from --corpus")
     return Corpus(files=tuple(files), split=split,
-                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files))
+                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files),
+                  tokenized=all(p.suffix == ".tokens" for p in files))
 
 
 def _group_lines(lines, wikitext: bool):
