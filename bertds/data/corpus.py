@@ -174,9 +174,9 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
     or local files / directories of .txt, .jsonl, .parquet files. ``split`` is checked (and ``valid`` read as
     ``validation``) for all but other hub datasets, whose splits are their own."""
-    if not (names and len(names) == 1 and names[0].startswith(HUB_PREFIX)
-            and names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]):
-        split = wikitext_split(split)
+    other_hub = bool(names) and len(names) == 1 and names[0].startswith(HUB_PREFIX) and \
+        names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]
+    split = split if other_hub else wikitext_split(split)
     if not names:
         source = CorpusSource.resolve(data_dir)
         if source.data_dir is None:
