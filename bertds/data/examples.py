@@ -3,7 +3,8 @@
 Every example holds fixed-size arrays (``max_len`` tokens, ``max_predictions`` prediction slots):
 ``tokens`` ``<cls> A <sep> B <sep> <pad>...``, ``segments`` (0 for <cls> A <sep>, 1 for B <sep>, 0 for padding),
 ``valid_len``, ``pred_positions``/``mlm_labels``/``mlm_weights`` (weight 0 marks a padded slot) and
-``nsp_label`` (1 = B really follows A). With dynamic masking the three MLM columns are drawn in the collator.
+``nsp_label`` (NSP: 1 = B really follows A; SOP: ALBERT's sentence order label, 0 = in order, 1 = swapped).
+With dynamic masking the three MLM columns are drawn in the collator.
 
 The corpus is held as one flat array of token ids with sentence offsets; a pair is two (start, length) ranges
 into it, so pairing, truncation and packing are array operations rather than loops over tokens.
@@ -67,7 +68,7 @@ class PairRanges:
     a_len: np.ndarray
     b_start: np.ndarray
     b_len: np.ndarray
-    label: np.ndarray  # nsp_label: 1 = B follows A in the document
+    label: np.ndarray  # nsp_label: NSP 1 = B follows A in the document; SOP 0 = in order, 1 = swapped
 
     def select(self, keep: np.ndarray | slice) -> "PairRanges":
         return PairRanges(*(getattr(self, f)[keep] for f in ("a_start", "a_len", "b_start", "b_len", "label")))
