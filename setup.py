@@ -11,6 +11,7 @@ setup(
         "deepspeed>=0.16",
         "datasets>=3.0",
         "tokenizers>=0.19",
+        "sentencex>=1.0",  # sentence splitting of untokenized text (bert recipe)
         "numpy",
         "tqdm",
         "matplotlib",

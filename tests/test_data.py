@@ -129,8 +129,10 @@ def test_sentence_and_word_split_is_pythons(tmp_path):
         assert corpus.sentence_words.tolist() == [len(s) for p in expected for s in p]
         assert [corpus.dictionary[int(i)].as_py() for i in corpus.word_index] == \
             [w for p in expected for s in p for w in s]
+        kept = [len(line.split(" . ")) >= 2 for line in lines]  # d2l tests the raw line
+        assert corpus.is_paragraph.tolist() == kept
         counts = {}
-        for w in (w for p in expected if len(p) >= 2 for s in p for w in s):
+        for w in (w for p, keep in zip(expected, kept) if keep for s in p for w in s):
             counts[w] = counts.get(w, 0) + 1
         assert corpus.word_counts() == counts
 

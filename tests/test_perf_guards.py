@@ -156,7 +156,8 @@ def test_cpu_dropout_keeps_1_minus_p_scaled_and_is_seeded():
 
 def test_cpu_attention_with_dropout_equals_sdpa_when_nothing_is_dropped(monkeypatch):
     # The explicit CPU training path (fast dropout mask) against SDPA: with a mask that keeps everything they
-    # must agree exactly in value and gradient; with p > 0 rows of kept probabilities are rescaled by 1 / (1 - p).
+    # must agree in value and gradient (up to float32 summation order: a key row with one valid token has
+    # gradients that are 0 in one and ~1e-6 in the other); with p > 0 kept probabilities are rescaled by 1 / (1 - p).
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 10, 8, requires_grad=True) for _ in range(3))
     mask = key_padding_mask(torch.tensor([10, 6, 1]), 10)
@@ -166,7 +167,7 @@ def test_cpu_attention_with_dropout_equals_sdpa_when_nothing_is_dropped(monkeypa
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(ours.sum(), (q, k, v))
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(process_group, monkeypatch):

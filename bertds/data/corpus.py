@@ -26,6 +26,15 @@ from bertds.errors import UserError
 DATA_DIR_ENV = "BERTDS_DATA_DIR"
 WIKITEXT_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-v1")
+SPLIT_ALIASES = {"valid": "validation"}  # WikiText's own file name for the validation split
+
+
+def wikitext_split(split: str) -> str:
+    """``--split`` as a WikiText split name: train, validation (also ``valid``) or test."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in WIKITEXT_FILES:
+        raise UserError(f"--split {split}: unknown split; use {', '.join(WIKITEXT_FILES)} (or valid)")
+    return split
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class CorpusSource:
 
     def file(self, split: str) -> Path:
         assert self.data_dir is not None
-        path = self.data_dir / WIKITEXT_FILES[split]
+        path = self.data_dir / WIKITEXT_FILES[wikitext_split(split)]
         if not path.is_file():
             raise UserError(f"{path} is missing; the data directory must hold the WikiText-2 files "
                             f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)")
@@ -69,17 +78,18 @@ class CorpusSource:
 def load_lines(source: CorpusSource, split: str = "train") -> datasets.Dataset:
     """One row per line of the split, column ``text``."""
     if source.data_dir is None:
-        return datasets.load_dataset(*HUB_DATASET, split=split)
+        return datasets.load_dataset(*HUB_DATASET, split=wikitext_split(split))
     return datasets.Dataset.from_dict({"text": source.file(split).read_text(encoding="utf-8").splitlines()})
 
 
 def _split_paragraphs(batch: dict) -> dict:
-    sentences = (line.strip().lower().split(" . ") for line in batch["text"])
-    return {"sentences": [s for s in sentences if len(s) >= 2]}
+    return {"sentences": [line.strip().lower().split(" . ") for line in batch["text"]
+                          if len(line.split(" . ")) >= 2]}
 
 
 def load_paragraphs(source: CorpusSource, split: str = "train") -> datasets.Dataset:
-    """d2l's ``_read_wiki``: lower-cased lines with at least two sentences (split on ' . '), column ``sentences``."""
+    """d2l's ``_read_wiki``: the lines holding a ' . ' (tested before stripping, so a one-sentence line ending in
+    " . " is kept), stripped, lower-cased and split into sentences on ' . ', column ``sentences``."""
     lines = load_lines(source, split)
     paragraphs = lines.map(_split_paragraphs, batched=True, remove_columns=lines.column_names,
                            keep_in_memory=True)
@@ -106,6 +116,7 @@ class Corpus:
     hub: tuple[str, str | None] | None = None
     split: str = "train"
     wikitext: bool = False  # " = Title = " documents and "<unk>" for unknown words
+    tokenized: bool = False  # WikiText's tokenized text: sentences end at the stand-alone tokens . ! ?
 
     def fingerprint(self) -> str:
         if self.hub is not None:
@@ -161,25 +172,31 @@ def read_lines(path: Path) -> pa.Array:
 def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: str = "train") -> Corpus:
     """``--corpus`` values: None (WikiText-2 from --data-dir, env BERTDS_DATA_DIR or the hub), a WikiText name
     (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
-    or local files / directories of .txt, .jsonl, .parquet files."""
+    or local files / directories of .txt, .jsonl, .parquet files. ``split`` is checked (and ``valid`` read as
+    ``validation``) for all but other hub datasets, whose splits are their own."""
+    other_hub = bool(names) and len(names) == 1 and names[0].startswith(HUB_PREFIX) and \
+        names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]
+    split = split if other_hub else wikitext_split(split)
     if not names:
         source = CorpusSource.resolve(data_dir)
         if source.data_dir is None:
-            return Corpus(hub=HUB_DATASET, split=split, wikitext=True)
-        return Corpus(files=(source.file(split),), split=split, wikitext=True)
+            return Corpus(hub=HUB_DATASET, split=split, wikitext=True, tokenized=True)
+        return Corpus(files=(source.file(split),), split=split, wikitext=True, tokenized=True)
     if len(names) == 1 and names[0] in WIKITEXT_NAMES:
         config, kind = WIKITEXT_NAMES[names[0]]
         chosen = data_dir or os.environ.get(DATA_DIR_ENV)
         if not chosen:
-            return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True)
+            return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True, tokenized=kind == "tokens")
         path = Path(chosen).expanduser() / WIKITEXT_FILES[split].replace(".tokens", f".{kind}")
         if not path.is_file():
             raise UserError(f"{path} is missing; point --data-dir at the {names[0]} files, or leave it unset "
                             "to download from the hub")
-        return Corpus(files=(path,), split=split, wikitext=True)
+        return Corpus(files=(path,), split=split, wikitext=True, tokenized=kind == "tokens")
     if len(names) == 1 and names[0].startswith(HUB_PREFIX):
         name, _, config = names[0][len(HUB_PREFIX):].partition(":")
-        return Corpus(hub=(name, config or None), split=split, wikitext=name == HUB_DATASET[0])
+        wikitext = name == HUB_DATASET[0]
+        return Corpus(hub=(name, config or None), split=split, wikitext=wikitext,
+                      tokenized=wikitext and "raw" not in config)
     files: list[Path] = []
     for name in names:
         path = Path(name).expanduser()
@@ -200,7 +217,8 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     if empty:
         raise UserError(f"corpus file(s) {', '.join(empty)} are empty; remove them from --corpus")
     return Corpus(files=tuple(files), split=split,
-                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files))
+                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files),
+                  tokenized=all(p.suffix == ".tokens" for p in files))
 
 
 def _group_lines(lines, wikitext: bool):

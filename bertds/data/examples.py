@@ -3,7 +3,8 @@
 Every example holds fixed-size arrays (``max_len`` tokens, ``max_predictions`` prediction slots):
 ``tokens`` ``<cls> A <sep> B <sep> <pad>...``, ``segments`` (0 for <cls> A <sep>, 1 for B <sep>, 0 for padding),
 ``valid_len``, ``pred_positions``/``mlm_labels``/``mlm_weights`` (weight 0 marks a padded slot) and
-``nsp_label`` (1 = B really follows A). With dynamic masking the three MLM columns are drawn in the collator.
+``nsp_label`` (NSP: 1 = B really follows A; SOP: ALBERT's sentence order label, 0 = in order, 1 = swapped).
+With dynamic masking the three MLM columns are drawn in the collator.
 
 The corpus is held as one flat array of token ids with sentence offsets; a pair is two (start, length) ranges
 into it, so pairing, truncation and packing are array operations rather than loops over tokens.
@@ -67,7 +68,7 @@ class PairRanges:
     a_len: np.ndarray
     b_start: np.ndarray
     b_len: np.ndarray
-    label: np.ndarray  # nsp_label: 1 = B follows A in the document
+    label: np.ndarray  # nsp_label: NSP 1 = B follows A in the document; SOP 0 = in order, 1 = swapped
 
     def select(self, keep: np.ndarray | slice) -> "PairRanges":
         return PairRanges(*(getattr(self, f)[keep] for f in ("a_start", "a_len", "b_start", "b_len", "label")))
@@ -160,10 +161,12 @@ def finish_examples(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, config: Ex
 @dataclass
 class D2LCorpus:
     """d2l's lines as arrays: sentences per line, words per sentence, and every word as an index into
-    ``dictionary`` (the distinct lower-cased words, with their ``counts``). Paragraphs are lines with >= 2
-    sentences."""
+    ``dictionary`` (the distinct lower-cased words, with their ``counts``). Paragraphs (``is_paragraph``) are the
+    lines d2l keeps: ``len(line.split(' . ')) >= 2`` on the raw line, so a one-sentence line ending in " . " is one
+    (its words are counted and its sentence can be a random next sentence, but it has no pair of its own)."""
 
     paragraph_size: np.ndarray
+    is_paragraph: np.ndarray
     sentence_words: np.ndarray
     word_index: np.ndarray
     dictionary: pa.Array
@@ -205,15 +208,17 @@ class _Part:
     """One slice of the lines: words dictionary-encoded as "word + the whitespace after it" (``variants``)."""
 
     paragraph_size: np.ndarray
+    is_paragraph: np.ndarray
     sentence_words: np.ndarray
     variant_index: np.ndarray  # per word (separators dropped), into variants
     variants: pa.Array
-    counts: np.ndarray  # per variant, words of paragraphs (lines with >= 2 sentences) only
+    counts: np.ndarray  # per variant, words of paragraphs only
 
 
 def _d2l_part(lines: pa.Array) -> _Part:
     """d2l's split of ``lines`` on the bytes: a word starts at a non-whitespace byte after whitespace or at a line
-    start; a separator is a ' . ' inside the stripped line, non-overlapping from the left (str.split). The strings
+    start; a separator is a ' . ' inside the stripped line, non-overlapping from the left (str.split); a line is a
+    paragraph when its raw text holds a ' . ' anywhere (d2l's test, before strip). The strings
     from one word start to the next (word + following whitespace) are dictionary-encoded without a copy."""
     lines = pc.fill_null(lines, "").cast(pa.large_string())
     _, offsets_buffer, data_buffer = lines.buffers()
@@ -240,6 +245,8 @@ def _d2l_part(lines: pa.Array) -> _Part:
     spaced[spaced] = (data[dots[spaced] - 1] == ord(" ")) & (data[dots[spaced] + 1] == ord(" "))
     dots, word = dots[spaced], word[spaced]
     line = np.searchsorted(line_offsets, dots, side="right") - 1
+    in_raw_line = (dots > line_offsets[line]) & (dots + 1 < line_offsets[line + 1])
+    is_paragraph = np.bincount(line[in_raw_line], minlength=len(lines)) > 0
     inside = (word > line_words[line]) & (word + 1 < line_words[line + 1])
     dots, line, word = dots[inside], line[inside], word[inside]
     # Overlapping matches (" . . ") chain at distance 2: str.split takes every other one from the left.
@@ -253,22 +260,22 @@ def _d2l_part(lines: pa.Array) -> _Part:
     strings = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(string_offsets), pa.py_buffer(data))
     encoded = pc.dictionary_encode(strings)
     variant_index = encoded.indices.to_numpy()
-    # Counts of the words of paragraphs: all words, less separators and the words of one-sentence lines.
-    single = np.flatnonzero(paragraph_size < 2)
+    # Counts of the words of paragraphs: all words, less separators and the words of the other lines.
+    single = np.flatnonzero(~is_paragraph)
     lengths = line_words[single + 1] - line_words[single]
     outside = np.concatenate([separator_word, np.repeat(line_words[single], lengths) + segment_arange(lengths)])
     counts = np.bincount(variant_index, minlength=len(encoded.dictionary)) - \
         np.bincount(variant_index[outside], minlength=len(encoded.dictionary))
     keep = np.ones(len(starts), dtype=bool)
     keep[separator_word] = False
-    return _Part(paragraph_size, ends - begins, variant_index[keep], encoded.dictionary, counts)
+    return _Part(paragraph_size, is_paragraph, ends - begins, variant_index[keep], encoded.dictionary, counts)
 
 
 def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
     """d2l's ``_read_wiki``: stripped lines split into sentences on ' . ' and into lower-cased words. Parts of the
     corpus go to a thread pool (numpy and Arrow release the GIL). Stripping the whitespace after each word and
-    lower-casing are applied to the distinct strings only (neither changes a sentence or word boundary); lines with
-    fewer than two sentences are dropped later."""
+    lower-casing are applied to the distinct strings only (neither changes a sentence or word boundary); lines that
+    are no paragraph are dropped later."""
     step = -(-len(lines) // _WORKERS) or 1
     parts = list(_POOL.map(_d2l_part, [lines.slice(i, step) for i in range(0, max(len(lines), 1), step)]))
     variants = pa.concat_arrays([p.variants for p in parts])
@@ -284,13 +291,15 @@ def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
         np.take(word_of_variant[first[k]:first[k + 1]], parts[k].variant_index, out=word_index[bounds[k]:bounds[k + 1]])
 
     list(_POOL.map(gather, range(len(parts))))
-    return D2LCorpus(np.concatenate([p.paragraph_size for p in parts]),
-                     np.concatenate([p.sentence_words for p in parts]), word_index, lowered.dictionary, counts)
+    return D2LCorpus(*(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("paragraph_size", "is_paragraph", "sentence_words")),
+                     word_index, lowered.dictionary, counts)
 
 
 def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict[str, np.ndarray]:
     """d2l's NSP pairs and MLM masking for every adjacent sentence pair of every paragraph: B is the true next
-    sentence with probability 0.5, else a random sentence of a random paragraph of the whole corpus (label 0).
+    sentence with probability 0.5, else a random sentence of a random paragraph of the whole corpus (label 0;
+    one-sentence paragraphs included, as d2l's ``random.choice(random.choice(paragraphs))``).
     Pairs longer than max_len are dropped, or truncated (longest first) with ``config.truncate``."""
     rng = np.random.default_rng([config.seed, 2])
     ids, tokens_per_word = vocab.encode_indexed(corpus.dictionary, corpus.word_index)
@@ -299,7 +308,7 @@ def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict
         token_offsets = np.concatenate([[0], np.cumsum(tokens_per_word)])[token_offsets]
     sentence_start, sentence_len = token_offsets[:-1], np.diff(token_offsets)
     paragraph_start = np.concatenate([[0], np.cumsum(corpus.paragraph_size)])
-    is_paragraph = corpus.paragraph_size >= 2  # d2l keeps lines with two or more sentences
+    is_paragraph = corpus.is_paragraph
     paragraph_start, paragraph_size = paragraph_start[:-1][is_paragraph], corpus.paragraph_size[is_paragraph]
     has_next = np.zeros(len(sentence_len) + 1, dtype=np.int32)  # +1 / -1 at paragraph ends, as a running sum
     np.add.at(has_next, paragraph_start, 1)

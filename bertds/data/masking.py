@@ -100,8 +100,8 @@ def special_positions(segments: np.ndarray, valid_len: np.ndarray) -> np.ndarray
 
 
 def _whole_word_choice(tokens, special, keys, num_preds, continuation, max_predictions):
-    """Positions of whole words taken in random word order while they fit in num_preds (Google's whole-word
-    masking, which stops at the first word that does not fit rather than trying smaller ones after it)."""
+    """Positions of whole words taken in random word order, as Google's whole-word masking: a word that does not
+    fit in what is left of num_preds is skipped and the next words are tried."""
     n, max_len = tokens.shape
     positions = np.broadcast_to(np.arange(max_len), (n, max_len))
     starts_word = ~continuation[tokens] | special | np.pad(special, ((0, 0), (1, 0)))[:, :-1]
@@ -112,12 +112,18 @@ def _whole_word_choice(tokens, special, keys, num_preds, continuation, max_predi
     rows = np.arange(n)[:, None]
     word_key = keys[rows, word_start]
     order = np.lexsort((positions, word_key), axis=1)
-    sorted_pos = np.take_along_axis(positions, order, axis=1)
-    remaining_in_word = word_end[rows, sorted_pos] - sorted_pos
-    word_done_count = np.arange(1, max_len + 1)[None, :] + remaining_in_word
-    take = (word_done_count <= num_preds[:, None]) & ~special[rows, sorted_pos]
-    chosen = np.sort(np.where(take, sorted_pos, max_len), axis=1)[:, :max_predictions]
-    return chosen
+    sorted_pos = np.take_along_axis(positions, order, axis=1)  # each word's pieces together, words in key order
+    first_piece = (sorted_pos == word_start[rows, sorted_pos]) & ~special[rows, sorted_pos]
+    size = np.where(first_piece, word_end[rows, sorted_pos] - sorted_pos + 1, 0)
+    taken = np.zeros((n, max_len), dtype=bool)  # per first piece: its word is masked
+    used = np.zeros(n, dtype=np.int64)
+    for j in np.flatnonzero(first_piece.any(axis=0)):  # the greedy pass, vectorised over rows
+        fits = first_piece[:, j] & (used + size[:, j] <= num_preds)
+        taken[:, j] = fits
+        used += np.where(fits, size[:, j], 0)
+    word_of = np.maximum.accumulate(np.where(first_piece, np.arange(max_len), 0), axis=1)  # its first piece
+    take = taken[rows, word_of] & ~special[rows, sorted_pos]
+    return np.sort(np.where(take, sorted_pos, max_len), axis=1)[:, :max_predictions]
 
 
 def _ranked_positions(uniforms: Uniforms, special: np.ndarray, count: int) -> np.ndarray:

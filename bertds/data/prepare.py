@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import generate_random_fingerprint
 
-from bertds.data.bert_examples import bert_examples
+from bertds.data.bert_examples import DocumentPool, TokenizedChunk, bert_examples, chunk_sentences
 from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
 from bertds.data.examples import ExampleConfig, d2l_examples, d2l_paragraphs
 from bertds.data.masking import MaskingSpec
@@ -29,10 +30,13 @@ from bertds.data.tokenizer import (D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, 
                                    describe_vocab, tokenizer_recipe)
 from bertds.errors import UserError
 
-FORMAT_VERSION = 3  # bump when the example semantics or the layout change, so stale caches are not reused
+FORMAT_VERSION = 4  # bump when the example semantics or the layout change, so stale caches are not reused
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-DOCUMENTS_PER_CHUNK = 256  # documents whose examples are made together (random NSP segments come from them)
+DOCUMENTS_PER_CHUNK = 256  # documents whose examples are made together
+# Streaming: random next segments of chunk k come from chunks k - REACH .. k + REACH (33 chunks, 8,448 documents,
+# held as token ids); read whole, from all documents.
+STREAMING_RANDOM_DOCUMENT_REACH = 16
 ROWS_PER_SHARD = 1 << 17
 DYNAMIC_MASKING_ATTR = "bertds_dynamic_masking"  # attribute of PreparedData.examples read by PretrainingBatches
 
@@ -161,16 +165,42 @@ def d2l_columns(corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice, co
     return d2l_examples(paragraphs, vocab, config), vocab
 
 
+def document_windows(chunks: Iterable[TokenizedChunk], reach: int | None
+                     ) -> Iterator[tuple[list[TokenizedChunk], int, int]]:
+    """(window, position of chunk k in it, k) for every chunk k: the window holds the chunks k - reach .. k + reach
+    (all chunks when reach is None), so at most 2 * reach + 1 are in memory."""
+    stream, window = iter(chunks), deque()
+    first = done = 0  # corpus index of window[0]; chunks before `done` have been yielded
+    exhausted = False
+    while True:
+        while not exhausted and (reach is None or first + len(window) <= done + reach):
+            chunk = next(stream, None)
+            exhausted = chunk is None
+            if chunk is not None:
+                window.append(chunk)
+        if done == first + len(window):
+            return
+        yield list(window), done - first, done
+        done += 1
+        while reach is not None and first < done - reach:
+            window.popleft()
+            first += 1
+
+
 def bert_chunks(corpus: Corpus, vocab: Vocab, config: ExampleConfig, streaming: bool, rank: int = 0,
                 world_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Example columns chunk by chunk (DOCUMENTS_PER_CHUNK documents each); with world_size > 1 this rank's
-    disjoint part of the documents (``split_dataset_by_node``)."""
+    disjoint part of the documents (``split_dataset_by_node``). Random next segments come from all documents
+    (read whole) or from the chunks within STREAMING_RANDOM_DOCUMENT_REACH (streaming)."""
     documents = corpus.documents(streaming=streaming)
     if world_size > 1:
         documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
     texts = (row["text"] for row in documents)
-    for index, chunk in enumerate(iter(lambda: list(islice(texts, DOCUMENTS_PER_CHUNK)), [])):
-        yield bert_examples(chunk, vocab, config, chunk_index=index, wikitext=corpus.wikitext)
+    chunks = (chunk_sentences(chunk, vocab, corpus.wikitext, corpus.tokenized)
+              for chunk in iter(lambda: list(islice(texts, DOCUMENTS_PER_CHUNK)), []))
+    reach = STREAMING_RANDOM_DOCUMENT_REACH if streaming else None
+    for window, position, index in document_windows(chunks, reach):
+        yield bert_examples(DocumentPool(window), position, vocab, config, chunk_index=index)
 
 
 def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice,
@@ -192,7 +222,7 @@ def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice:
 
 def recipe_of(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig) -> dict:
     return {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "wikitext": corpus.wikitext,
-            "split": corpus.split,
+            "tokenized": corpus.tokenized, "split": corpus.split,
             "tokenizer": choice.recipe(), **asdict(config)}
 
 
