@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from bertds.data import DataConfig, PreparedData, add_data_arguments, load_prepared, prepare_for_training
 from bertds.data.corpus import resolve_corpus
-from bertds.data.loader import rank_range, table_columns
+from bertds.data.loader import example_config, rank_range, table_columns
 from bertds.data.masking import MASK_RATE
-from bertds.data.prepare import MANIFEST
+from bertds.data.prepare import MANIFEST, TokenizerChoice, prepare_directory
 from bertds.data.tokenizer import TOKENIZER_FILE
 from bertds.errors import UserError
 
@@ -38,6 +38,7 @@ HELDOUT_PREFIX = "heldout-"  # prepare_data.py writes OUT/heldout-SPLIT beside t
 RECIPE_FIELDS = ("max_len", "truncate", "recipe", "sentence_task", "short_seq_prob", "whole_word_masking")
 TRAIN_CONFIG = "train_config.json"
 DEFAULT_BATCH = 64
+DEFAULT_EXAMPLES = 1000  # keeps an evaluation to seconds on a CPU; MLPerf's BERT evaluates 10,000
 
 
 @dataclass
@@ -47,12 +48,12 @@ class EvalConfig:
     interval: int = 0  # steps between evaluations; 0: only at the end (which always evaluates)
     split: str = "validation"
     corpus: list[str] | None = None  # None: the training corpus' --eval-split
-    examples: int | None = None  # cap on the held-out examples; None: all
+    examples: int = DEFAULT_EXAMPLES  # cap on the held-out examples (the first ones); 0: all
 
     def __post_init__(self) -> None:
-        if self.interval < 0 or (self.examples is not None and self.examples < 1):
-            raise UserError(f"--eval-interval {self.interval} / --eval-examples {self.examples}: the interval must "
-                            "be 0 (only at the end) or more, the example cap at least 1")
+        if self.interval < 0 or self.examples < 0:
+            raise UserError(f"--eval-interval {self.interval} / --eval-examples {self.examples}: both must be 0 "
+                            "or more (interval 0: only at the end; examples 0: all)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, interval: bool = True) -> None:
@@ -63,7 +64,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser, interval: bool = True) -
     group.add_argument("--eval-split", default="validation", help="held-out split of the corpus (WikiText: "
                                                                   "wiki.valid.tokens; hub: its validation split)")
     group.add_argument("--eval-corpus", nargs="+", help="held-out text instead (same forms as --corpus)")
-    group.add_argument("--eval-examples", type=int, help="use at most this many held-out examples")
+    group.add_argument("--eval-examples", type=int, default=DEFAULT_EXAMPLES,
+                       help=f"score the first K held-out examples (default {DEFAULT_EXAMPLES}; 0: all)")
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -108,6 +110,19 @@ def heldout_examples(train: DataConfig, data: PreparedData, cfg: EvalConfig, ran
             return None
         examples = prepare_for_training(config, rank).examples
     return examples.select(range(min(cfg.examples, len(examples)))) if cfg.examples else examples
+
+
+def prepare_heldout(train: DataConfig, data: PreparedData, cfg: EvalConfig) -> PreparedData | None:
+    """``prepare_data.py``: the held-out examples of the prepared directory ``data`` as ``DIR/heldout-SPLIT``
+    (made with DIR's tokenizer and recipe), which training with ``--prepared DIR`` then scores. None without
+    held-out text."""
+    config = heldout_data_config(train, data.manifest or {}, data.path / TOKENIZER_FILE, cfg)
+    if config is None:
+        return None
+    path = data.path / f"{HELDOUT_PREFIX}{cfg.split}"
+    return prepare_directory(resolve_corpus(config.corpus, config.data_dir, config.split),
+                             TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
+                             example_config(config), path)
 
 
 def _tensors(columns: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
