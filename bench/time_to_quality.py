@@ -82,7 +82,8 @@ class HFExamples(torch.utils.data.Dataset):
         rows, slots = np.nonzero(columns["mlm_weights"] > 0)
         labels[rows, columns["pred_positions"][rows, slots]] = columns["mlm_labels"][rows, slots]
         self.columns = {
-            "input_ids": torch.from_numpy(tokens), "token_type_ids": torch.from_numpy(columns["segments"].astype(np.int64)),
+            "input_ids": torch.from_numpy(tokens),
+            "token_type_ids": torch.from_numpy(columns["segments"].astype(np.int64)),
             "attention_mask": torch.from_numpy((np.arange(tokens.shape[1]) < valid_len[:, None]).astype(np.int64)),
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.from_numpy(1 - columns["nsp_label"].astype(np.int64)),  # HF: 0 = follows
@@ -174,8 +175,9 @@ def report(bertds_curve: list[dict], hf_curve: list[dict], budget: float) -> Non
                   f"{b['mlm_loss']:>11.3f}")
     target, hf_seconds = hf_curve[-1]["mlm_accuracy"], hf_curve[-1]["train_seconds"]
     reached = time_to_reach(bertds_curve, target)
+    final = bertds_curve[-1]
     print(f"\nHugging Face: {hf_curve[-1]['step']} steps in {hf_seconds:.0f} s (budget {budget:.0f} s), final held-out "
-          f"MLM accuracy {target:.4f}; bertds: {bertds_curve[-1]['step']} steps, final {bertds_curve[-1]['mlm_accuracy']:.4f}")
+          f"MLM accuracy {target:.4f}; bertds: {final['step']} steps, final {final['mlm_accuracy']:.4f}")
     if reached is None:
         print("bertds did not reach Hugging Face's final held-out MLM accuracy within its budget")
     else:
