@@ -17,12 +17,14 @@ from bertds.data.corpus import resolve_corpus
 from bertds.data.loader import default_cache_dir, example_config
 from bertds.data.prepare import TokenizerChoice, prepare_directory
 from bertds.errors import UserError
+from bertds.evaluate import add_eval_arguments, eval_config_from_args, prepare_heldout
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write (must not exist, or hold the same data)")
     add_data_arguments(p)
+    add_eval_arguments(p, interval=False)
     args = p.parse_args(argv)
     config = data_config_from_args(args)
     start = time.perf_counter()
@@ -33,6 +35,7 @@ def main(argv=None) -> int:
         data = prepare_directory(corpus, TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
                                  example_config(config), Path(args.out), config.streaming,
                                  Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+        heldout = prepare_heldout(config, data, eval_config_from_args(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -41,6 +44,8 @@ def main(argv=None) -> int:
           f"(max_len {manifest.get('max_len')}, {manifest.get('recipe')} recipe, {manifest.get('masking')} masking, "
           f"vocabulary {len(data.vocab)}) from {manifest.get('source')} in {time.perf_counter() - start:.1f} s "
           f"-> {data.path}")
+    if heldout is not None:
+        print(f"held-out: {len(heldout.examples)} examples ({args.eval_split}, masks at 15%) -> {heldout.path}")
     return 0
 
 

@@ -11,6 +11,7 @@ import deepspeed
 
 from bertds.data import add_data_arguments, data_config_from_args
 from bertds.engine.train import TrainConfig, main
+from bertds.evaluate import add_eval_arguments, eval_config_from_args
 from bertds.model import MODEL_PRESETS
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_cpu.json"
@@ -28,6 +29,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--untie-embeddings", action="store_true", help="separate MLM decoder and token embedding")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute encoder blocks in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model through engine.compile()")
+    p.add_argument("--pre-ln", action="store_true", help="pre-LayerNorm blocks plus a final LayerNorm (stable at "
+                                                         "higher learning rates; not exportable to Hugging Face)")
     p.add_argument("--init-from", help="start from the weights of a finished run's --output-dir (two-phase)")
     p.add_argument("--init-from-hf", help="start from a Hugging Face BERT directory (its config and weights; the "
                                           "data must use its tokenizer)")
@@ -42,6 +45,7 @@ def parse_args(argv=None) -> TrainConfig:
     track.add_argument("--wandb-run-name")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     add_data_arguments(p)
+    add_eval_arguments(p)
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     return TrainConfig(
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> TrainConfig:
         compile=args.compile, init_from=args.init_from, init_from_hf=args.init_from_hf,
         save_interval=args.save_interval, keep_last=args.keep_last,
         resume=args.resume, overwrite=args.overwrite, wandb=not args.no_wandb, wandb_project=args.wandb_project,
-        wandb_run_name=args.wandb_run_name)
+        wandb_run_name=args.wandb_run_name, eval=eval_config_from_args(args), pre_ln=args.pre_ln)
 
 
 if __name__ == "__main__":

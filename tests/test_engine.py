@@ -15,7 +15,9 @@ SEED_LINES = (re.compile(r"^MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}$", re.M),
 
 
 def read_metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training records (held-out evaluations have a "split")."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "split" not in r]
 
 
 # --- batch arithmetic and config ------------------------------------------------------------------------------

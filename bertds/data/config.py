@@ -21,12 +21,13 @@ class DataConfig:
     vocab_size: int = 30522
     min_freq: int = 5
     recipe: str = "d2l"  # "d2l" or "bert" (Google's create_pretraining_data)
-    sentence_task: str = "nsp"  # "nsp" or "sop"
+    sentence_task: str = "nsp"  # "nsp", "sop", or "none" (MLM only; the examples are made as for nsp)
     short_seq_prob: float = 0.1
     max_predictions: int | None = None  # None: 15% of max_len (d2l); 20 at 128, 80 at 512 (bert)
     whole_word_masking: bool = False
     masking: str = "static"  # "static" (fixed at preparation) or "dynamic" (drawn every epoch)
     dupe_factor: int = 1
+    mask_prob: float = 0.15  # share of each sequence's length predicted
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,8 +52,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--recipe", default="d2l", choices=["d2l", "bert"],
                        help="example creation: d2l (sentence pairs of paragraphs) or bert (Google's: documents, "
                             "segments filled to max_len)")
-    group.add_argument("--sentence-task", default="nsp", choices=["nsp", "sop"],
-                       help="next sentence (nsp) or sentence order (sop, ALBERT) prediction; sop needs --recipe bert")
+    group.add_argument("--sentence-task", default="nsp", choices=["nsp", "sop", "none"],
+                       help="next sentence (nsp) or sentence order (sop, ALBERT) prediction, sop needs --recipe "
+                            "bert; none: MLM only (RoBERTa), no sentence loss")
     group.add_argument("--short-seq-prob", type=float, default=0.1, help="bert recipe: share of shorter targets")
     group.add_argument("--max-predictions", type=int, help="MLM slots per example; default 15%% of max_len "
                                                            "(d2l), 20 at 128 / 80 at 512 (bert)")
@@ -60,6 +62,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--masking", default="static", choices=["static", "dynamic"],
                        help="static: masks fixed at preparation; dynamic: drawn every epoch (RoBERTa)")
     group.add_argument("--dupe-factor", type=int, default=1, help="static masking: copies with different masks")
+    group.add_argument("--mask-prob", type=float, default=0.15,
+                       help="share of each sequence's tokens predicted (MosaicBERT: 0.30); evaluation stays at 0.15")
     return parser
 
 
@@ -70,4 +74,4 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
                       vocab_size=args.vocab_size, min_freq=args.min_freq, recipe=args.recipe,
                       sentence_task=args.sentence_task, short_seq_prob=args.short_seq_prob,
                       max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking,
-                      masking=args.masking, dupe_factor=args.dupe_factor)
+                      masking=args.masking, dupe_factor=args.dupe_factor, mask_prob=args.mask_prob)

@@ -44,19 +44,21 @@ class ExampleConfig:
     whole_word_masking: bool = False
     dynamic_masking: bool = False  # True: no masks stored; the collator draws them every epoch
     dupe_factor: int = 1  # static masking: copies of the corpus with different pairs and masks (bert recipe)
+    mask_prob: float = MASK_RATE  # share of each sequence's length predicted (MosaicBERT: 0.30)
 
     @property
     def max_predictions(self) -> int:
         if self.max_predictions_per_seq is not None:
             return self.max_predictions_per_seq
         if self.recipe == "bert":
-            return STANDARD_MAX_PREDICTIONS.get(self.max_len, int(np.ceil(self.max_len * MASK_RATE)))
-        return round(self.max_len * MASK_RATE)
+            standard = STANDARD_MAX_PREDICTIONS.get(self.max_len) if self.mask_prob == MASK_RATE else None
+            return standard or int(np.ceil(self.max_len * self.mask_prob))
+        return round(self.max_len * self.mask_prob)
 
     def masking(self, vocab: Vocab) -> MaskingSpec:
         return MaskingSpec(max_predictions=self.max_predictions, mask_id=vocab.mask_id,
                            first_random_id=vocab.first_regular_id, vocab_size=len(vocab),
-                           whole_word=self.whole_word_masking,
+                           whole_word=self.whole_word_masking, mask_prob=self.mask_prob,
                            continuation=vocab.continuation_table() if self.whole_word_masking else None)
 
 

@@ -66,10 +66,13 @@ def prepare_pretraining_data(source: Corpus | CorpusSource, config: ExampleConfi
 
 
 def example_config(config: DataConfig) -> ExampleConfig:
+    # --sentence-task none trains without the sentence loss on the same examples as nsp.
+    sentence_task = "nsp" if config.sentence_task == "none" else config.sentence_task
     return ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate, recipe=config.recipe,
-                         sentence_task=config.sentence_task, short_seq_prob=config.short_seq_prob,
+                         sentence_task=sentence_task, short_seq_prob=config.short_seq_prob,
                          max_predictions_per_seq=config.max_predictions, whole_word_masking=config.whole_word_masking,
-                         dynamic_masking=config.masking == "dynamic", dupe_factor=config.dupe_factor)
+                         dynamic_masking=config.masking == "dynamic", dupe_factor=config.dupe_factor,
+                         mask_prob=config.mask_prob)
 
 
 def _check_prepared_matches(data: PreparedData, config: DataConfig) -> None:

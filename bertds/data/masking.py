@@ -21,6 +21,7 @@ class MaskingSpec:
     first_random_id: int  # random replacements come from [first_random_id, vocab_size): never a special token
     vocab_size: int
     whole_word: bool = False
+    mask_prob: float = MASK_RATE  # share of the sequence's length chosen for prediction
     continuation: np.ndarray | None = field(default=None, compare=False, repr=False)  # [vocab] bool, whole_word
 
     def to_json(self) -> dict:
@@ -143,15 +144,15 @@ def _ranked_positions(uniforms: Uniforms, special: np.ndarray, count: int) -> np
 
 def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_len: np.ndarray, spec: MaskingSpec,
                 uniforms: Uniforms, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Choose 15% of the sequence's length (<cls> and <sep> counted, as d2l's and Google's ``len(tokens)``; at
-    least one, at most ``max_predictions``) among its non-special positions; of those, 80% become the mask token,
-    10% a random token, 10% stay. ``tokens`` is modified in place; the prediction
-    columns are returned, written into ``out``'s arrays when given."""
+    """Choose ``spec.mask_prob`` (15%) of the sequence's length (<cls> and <sep> counted, as d2l's and Google's
+    ``len(tokens)``; at least one, at most ``max_predictions``) among its non-special positions; of those, 80%
+    become the mask token, 10% a random token, 10% stay. ``tokens`` is modified in place; the prediction columns are
+    returned, written into ``out``'s arrays when given."""
     n, max_len = tokens.shape
     slots = spec.max_predictions
     special = special_positions(segments, valid_len)
     num_candidates = max_len - np.count_nonzero(special, axis=1)
-    num_preds = np.minimum(np.clip(np.round(valid_len * MASK_RATE), 1, slots), num_candidates).astype(np.int64)
+    num_preds = np.minimum(np.clip(np.round(valid_len * spec.mask_prob), 1, slots), num_candidates).astype(np.int64)
     if spec.whole_word:
         keys = uniforms.draw(0, (n, max_len))
         keys[special] = 2.0  # special positions sort last

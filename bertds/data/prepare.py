@@ -147,6 +147,8 @@ def _check_recipe(config: ExampleConfig, streaming: bool) -> None:
     if config.dynamic_masking and config.dupe_factor != 1:
         raise UserError("--dupe-factor copies the corpus with different static masks; with --masking dynamic "
                         "the masks change every epoch anyway, leave --dupe-factor at 1")
+    if not 0 < config.mask_prob < 1:
+        raise UserError(f"--mask-prob {config.mask_prob}: the share of tokens predicted must be between 0 and 1")
     if not 3 < config.max_len <= 512 or config.max_predictions < 1:
         raise UserError(f"--max-len {config.max_len} / --max-predictions {config.max_predictions}: max_len must "
                         "be in 4..512 and max_predictions at least 1")

@@ -3,7 +3,10 @@
 - ``"Lamb"``: DeepSpeed's FusedLamb on CUDA; where it cannot build (CPU), the same algorithm in plain PyTorch.
 - ``"Adam"/"AdamW"`` on CPU: ``torch_adam`` (DeepSpeed's fused CPU kernel needs a ~70 s JIT build, same math).
 - ``"scheduler": {"type": "PolyWarmup"}``: NVIDIA's BERT schedule (linear warmup, then polynomial decay), which
-  DeepSpeed does not ship; ``WarmupDecayLR`` without ``total_num_steps`` gets ``--max-steps``.
+  DeepSpeed does not ship; ``WarmupDecayLR`` without ``total_num_steps`` gets ``--max-steps``, and ``WarmupLR`` /
+  ``WarmupDecayLR`` without ``warmup_max_lr`` peak at the optimizer's lr (``--lr``), not DeepSpeed's 0.001.
+- Weight decay: ``parameter_groups`` puts biases and LayerNorm weights in a group without decay (Google's and
+  NVIDIA's BERT), for whatever optimizer the JSON names.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from deepspeed.accelerator import get_accelerator
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bertds.errors import UserError
@@ -60,6 +64,20 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Parameters for ``deepspeed.initialize``: a group with the optimizer's weight decay and one with
+    ``weight_decay`` 0 holding every bias and LayerNorm weight (as Google's BERT excludes "bias" and "LayerNorm";
+    like nanoGPT's ``configure_optimizers``). A tied weight appears once. Empty groups are left out."""
+    no_decay_ids = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm)
+                    for p in module.parameters(recurse=False)}
+    no_decay_ids |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    params = [p for p in model.parameters() if p.requires_grad]  # named_parameters/parameters yield a tied one once
+    decay = [p for p in params if id(p) not in no_decay_ids]
+    no_decay = [p for p in params if id(p) in no_decay_ids]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def poly_warmup_factor(step: int, warmup_num_steps: int, total_num_steps: int, power: float = 0.5) -> float:
     """Multiplier of the peak lr: linear warmup to 1, then (1 - step / total) ** power, as NVIDIA's BERT recipe."""
     if step < warmup_num_steps:
@@ -101,6 +119,10 @@ def adapt_optimization(ds_config: dict, max_steps: int):
                 opt, lambda step: poly_warmup_factor(step, warmup, total, power))
         elif scheduler.get("type") == "WarmupDecayLR":
             schedule.setdefault("total_num_steps", max_steps)
+        if scheduler.get("type") in ("WarmupLR", "WarmupDecayLR") and optimizer is not None:
+            lr = optimizer.get("params", {}).get("lr")
+            if lr is not None:
+                schedule.setdefault("warmup_max_lr", lr)
     if config.get("fp16", {}).get("enabled") and not get_accelerator().is_fp16_supported():
         raise UserError(f"fp16 is not supported on this {get_accelerator().device_name()} accelerator; "
                         "use a bf16 or fp32 DeepSpeed config (e.g. ds_configs/tiny_cpu.json)")

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
+TRAIN_SPLIT = "train"
 
 
 def _wandb_mode() -> str:
@@ -22,9 +23,11 @@ def _wandb_mode() -> str:
     return "online" if logged_in else "offline"
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
+def read_metrics(output_dir: str | Path, split: str | None = TRAIN_SPLIT) -> list[dict]:
+    """The records of ``split`` (training records have no "split" key); None: all of them."""
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for r in records if split is None or r.get("split", TRAIN_SPLIT) == split]
 
 
 class Tracker:
@@ -37,7 +40,7 @@ class Tracker:
         self.wandb_run = None
         if not self.active:
             return
-        kept = [m for m in read_metrics(output_dir) if m["step"] <= resume_step] if resume_step else []
+        kept = [m for m in read_metrics(output_dir, None) if m["step"] <= resume_step] if resume_step else []
         (self.output_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
         if use_wandb:
             import wandb
@@ -55,6 +58,16 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
+    def log_eval(self, record: dict) -> None:
+        """A held-out evaluation (``record["split"]``): a metrics.jsonl line, wandb keys ``eval/...``."""
+        if not self.active:
+            return
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "split")
+                                and v is not None}, step=record["step"])
+
     def print(self, message: str) -> None:
         if self.active:
             tqdm.write(message, file=sys.stdout)
@@ -68,8 +81,10 @@ class Tracker:
 
 
 def plot_losses(output_dir: Path) -> Path | None:
-    """MLM and NSP loss per logged step (the d2l animator's final picture), as ``loss.png``."""
+    """MLM and NSP loss per logged step (the d2l animator's final picture) and the held-out MLM loss, as
+    ``loss.png``."""
     metrics = read_metrics(output_dir)
+    held_out = [m for m in read_metrics(output_dir, None) if m.get("split", TRAIN_SPLIT) != TRAIN_SPLIT]
     if not metrics:
         return None
     import matplotlib
@@ -79,6 +94,8 @@ def plot_losses(output_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(steps, [m["mlm_loss"] for m in metrics], label="mlm")
     ax.plot(steps, [m["nsp_loss"] for m in metrics], label="nsp", linestyle="--")
+    if held_out:
+        ax.plot([m["step"] for m in held_out], [m["mlm_loss"] for m in held_out], "o", label="held-out mlm")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)

@@ -19,11 +19,12 @@ from bertds.distributed import init_distributed, shutdown_distributed
 from bertds.engine.checkpoint import (CHECKPOINTS, check_batch_layout, check_compatible, find_checkpoint,
                                       load_training_checkpoint, save_training_checkpoint)
 from bertds.engine.config import load_ds_config, resolve_batch_sizes
-from bertds.engine.optim import adapt_optimization
+from bertds.engine.optim import adapt_optimization, parameter_groups
 from bertds.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from bertds.engine.step import micro_step
 from bertds.engine.tracking import METRICS_FILE, Tracker
 from bertds.errors import UserError
+from bertds.evaluate import EvalConfig, HeldOutEvaluation, describe, heldout_examples
 from bertds.hf import loaded_model_name
 from bertds.model import BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import WEIGHTS_FILE, load_pretrained, save_pretrained
@@ -60,6 +61,8 @@ class TrainConfig:
     wandb: bool = True
     wandb_project: str = "bertds"
     wandb_run_name: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pre_ln: bool = False  # pre-LayerNorm blocks + a final LayerNorm (BertConfig.pre_layernorm)
 
 
 class TrainingDiverged(Exception):
@@ -97,7 +100,8 @@ def build_model(cfg: TrainConfig, vocab) -> BertForPreTraining:
     else:
         model = BertForPreTraining(get_config(
             cfg.model, dropout=cfg.dropout, attention_dropout=cfg.dropout, tie_word_embeddings=not cfg.untie_embeddings,
-            vocab_size=len(vocab), pad_token_id=vocab.pad_id))
+            vocab_size=len(vocab), pad_token_id=vocab.pad_id, pre_layernorm=cfg.pre_ln,
+            sentence_loss=cfg.data.sentence_task != "none"))
     if cfg.init_from:
         source, source_vocab = load_pretrained(cfg.init_from)
         if source_vocab.fingerprint() != vocab.fingerprint() or source.config.hidden_size != model.config.hidden_size:
@@ -133,7 +137,7 @@ def train(cfg: TrainConfig) -> RunState:
     cfg = replace(cfg, model=loaded_model_name(model.config, cfg.init_from_hf)) if cfg.init_from_hf else cfg
     if checkpoint is not None:
         check_compatible(checkpoint, model.config, data.vocab)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=engine_config,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=engine_config,
                                            optimizer=client_optimizer, lr_scheduler=client_scheduler)
     if cfg.compile:
         engine.compile()
@@ -169,9 +173,24 @@ def train(cfg: TrainConfig) -> RunState:
                                         model.config, cfg.keep_last)
         tracker.print(f"checkpoint: {path}")
 
+    heldout = heldout_examples(cfg.data, data, cfg.eval, rank)
+    evaluation = None if heldout is None else HeldOutEvaluation(
+        heldout, cfg.eval.split, engine.train_micro_batch_size_per_gpu(), device, rank, world_size)
+    if evaluation is None:
+        tracker.print(f"eval: no held-out text ('{cfg.eval.split}' split of the corpus); pass --eval-corpus")
+
+    def evaluate(step: int) -> float:
+        """Scores the held-out examples; returns the seconds it took (left out of the throughput)."""
+        if evaluation is None:
+            return 0.0
+        metrics = evaluation(engine, model.config.sentence_loss)
+        tracker.log_eval({"step": step, **metrics, "train_seconds": state.elapsed})
+        tracker.print(f"eval step {step} | {describe(metrics, metrics['split'])} | {metrics['eval_seconds']:.1f} s")
+        return metrics["eval_seconds"]
+
     watcher = PreemptionWatcher()
     try:
-        _loop(cfg, engine, batches, state, window, tracker, watcher, save, device, world_size)
+        _loop(cfg, engine, batches, state, window, tracker, watcher, save, evaluate, device, world_size)
     finally:
         watcher.close()
     if state.preempted:
@@ -183,7 +202,8 @@ def train(cfg: TrainConfig) -> RunState:
     devices = [None] * world_size
     dist.all_gather_object(devices, str(device))
     result = {"mlm_loss": mlm / micro_batches, "nsp_loss": nsp / micro_batches, "steps": state.step,
-              "pairs_per_s": state.step * engine.train_batch_size() / state.elapsed, "devices": devices}
+              "pairs_per_s": state.step * engine.train_batch_size() / state.elapsed, "devices": devices,
+              "eval": evaluation.last if evaluation else None}
     tracker.print(f"MLM loss {result['mlm_loss']:.3f}, NSP loss {result['nsp_loss']:.3f}")
     tracker.print(f"{result['pairs_per_s']:.1f} sentence pairs/sec on [{', '.join(devices)}]")
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
@@ -196,7 +216,8 @@ def train(cfg: TrainConfig) -> RunState:
     return state
 
 
-def _loop(cfg, engine, batches, state: RunState, window, tracker, watcher, save, device, world_size) -> None:
+def _loop(cfg, engine, batches, state: RunState, window, tracker, watcher, save, evaluate, device,
+          world_size) -> None:
     accumulation = engine.gradient_accumulation_steps()
     stream = iter(batches)
     one = torch.ones((), device=device)
@@ -210,7 +231,8 @@ def _loop(cfg, engine, batches, state: RunState, window, tracker, watcher, save,
             batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
             data_wait += time.perf_counter() - wait_start
             out = micro_step(engine, batch)
-            losses = torch.stack([out.mlm_loss.detach(), out.nsp_loss.detach()])
+            nsp = out.nsp_loss.detach() if out.nsp_loss is not None else torch.zeros((), device=device)
+            losses = torch.stack([out.mlm_loss.detach(), nsp])
             finite = torch.isfinite(losses).all()
             window += torch.stack([*torch.where(finite, losses, 0.0), one, batch["valid_len"].sum().float(),
                                    out.mlm_correct, out.mlm_count, (~finite).float()])
@@ -223,6 +245,8 @@ def _loop(cfg, engine, batches, state: RunState, window, tracker, watcher, save,
                  engine.skipped_steps - skipped_before, world_size)
             window.zero_()
             window_start, data_wait, skipped_before = time.perf_counter(), 0.0, engine.skipped_steps
+        if final or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
+            window_start += evaluate(state.step)
         if watcher.should_stop():
             state.preempted = True
             save(state.step)

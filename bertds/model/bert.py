@@ -14,7 +14,8 @@ from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLa
 
 class BertForPreTrainingOutput(NamedTuple):
     """What ``BertForPreTraining`` returns (a NamedTuple, so DeepSpeed's ZeRO-3 hooks and torch.compile see its
-    tensors). The losses are set when their labels are given; ``loss`` is their sum, what the step backpropagates.
+    tensors). The losses are set when their labels are given (NSP/SOP only with ``config.sentence_loss``); ``loss`` is
+    their sum, what the step backpropagates.
     ``prediction_logits`` (B, P, V) exist only with ``return_logits=True``: otherwise the MLM loss comes from the
     fused vocabulary projection + cross-entropy over the real prediction slots."""
 
@@ -94,7 +95,7 @@ class BertForPreTraining(nn.Module):
                 mlm_loss, mlm_correct = self.mlm(encoded, pred_positions, mlm_labels, mlm_weights)
             else:
                 mlm_loss, mlm_correct = _mlm_loss_from_logits(logits, mlm_labels, mlm_weights)
-        if nsp_label is not None:
+        if nsp_label is not None and self.config.sentence_loss:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_label.long())
             nsp_correct = (nsp_logits.argmax(-1) == nsp_label).sum()
         terms = [term for term in (mlm_loss, nsp_loss) if term is not None]

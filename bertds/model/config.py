@@ -25,6 +25,7 @@ class BertConfig:
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
     pre_layernorm: bool = False  # pre-LN blocks + a final LayerNorm; False: BERT's post-LN blocks
+    sentence_loss: bool = True  # False: MLM only (RoBERTa, --sentence-task none): no NSP/SOP term in the loss
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
