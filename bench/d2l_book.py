@@ -16,6 +16,8 @@ local replica ``bench/reference_bert.py`` instead.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import sys
 import time
 import types
@@ -64,6 +66,10 @@ def import_d2l():
         except ImportError:
             sys.modules[name] = _stub_module(name)
     return importlib.import_module("d2l.torch")
+
+
+def d2l_version() -> str:
+    return importlib.metadata.version("d2l")
 
 
 def build_bert(d2l, config, example_batch: dict[str, torch.Tensor]) -> nn.Module:
@@ -136,7 +142,7 @@ class BookTrainer:
                                                         valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y)
         l.backward()
         self.trainer.step()
-        float(mlm_l), float(nsp_l)  # the book's metric.add(mlm_l, nsp_l, ...) reads both losses
+        float(mlm_l.detach()), float(nsp_l.detach())  # the book's metric.add(mlm_l, nsp_l, ...) reads both
         self.timer_s += time.perf_counter() - start
         self.pairs += tokens_X.shape[0]
         return l.detach()

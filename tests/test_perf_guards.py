@@ -166,8 +166,9 @@ def test_cpu_attention_with_dropout_equals_sdpa_when_nothing_is_dropped(monkeypa
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2  # kept probabilities × 1 / (1 - p)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    # atol 1e-5: the row with one valid key has exactly zero q/k gradients in exact arithmetic, rounding noise here
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(process_group, monkeypatch):

@@ -7,7 +7,8 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 
-LOSS_CHUNK = 256  # prediction rows per chunk of the fused vocabulary projection + cross-entropy
+LOSS_CHUNK = 1024  # prediction rows per chunk of the fused vocabulary projection + cross-entropy (fewer chunks:
+# fewer passes of the decoder weight and its gradient through memory)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -18,6 +18,41 @@ def key_padding_mask(valid_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (positions[None, :] < valid_lens[:, None]).view(-1, 1, 1, seq_len)
 
 
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x)
+
+
+class _Unpad(torch.autograd.Function):
+    """x.index_select(0, index) for unique indices, whose gradient is a plain row copy into zeros (index_copy_)
+    rather than index_select's scatter-add (slow on CPU, and the same sums: each row receives one gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return _scatter_rows(grad, index, ctx.rows), None
+
+
+class _Pad(torch.autograd.Function):
+    """Rows ``index`` of a zero (rows, ...) grid set to x, in place on the fresh grid (no copy of it); gradient: the
+    same rows of the grid's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return _scatter_rows(x, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 @dataclass
 class TokenLayout:
     """Where the encoder's token rows live. Padded: the (batch, seq_len) grid, as the batch comes. Unpadded: only
@@ -45,14 +80,13 @@ class TokenLayout:
         """(batch, seq_len, ...) -> (tokens, ...); the identity in the padded layout."""
         if self.index is None:
             return x
-        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+        return _Unpad.apply(x.reshape(self.batch * self.seq_len, *x.shape[2:]), self.index)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (batch, seq_len, ...) with zeros at the padding; the identity in the padded layout."""
         if self.index is None:
             return x
-        grid = x.new_zeros(self.batch * self.seq_len, *x.shape[1:]).index_copy(0, self.index, x)
-        return grid.view(self.batch, self.seq_len, *x.shape[1:])
+        return _Pad.apply(x, self.index, self.batch * self.seq_len).view(self.batch, self.seq_len, *x.shape[1:])
 
     def positions(self, device: torch.device) -> torch.Tensor:
         positions = torch.arange(self.seq_len, device=device)
