@@ -113,6 +113,11 @@ FLOPS_FORMULA = ("6·(N_tok·B·L + N_mlm·S) + 12·layers·hidden·L·B·L; N_t
                  "head incl. tied decoder, S = real prediction slots, embedding lookups not counted")
 
 
+def achieved(flops_per_s: float, peak_tflops: float | None) -> tuple[float, float | None]:
+    """(GFLOP/s, percent of ``peak_tflops`` or None without one)."""
+    return flops_per_s / 1e9, 100 * flops_per_s / (peak_tflops * 1e12) if peak_tflops else None
+
+
 def load_batches(cfg: BenchConfig, rank: int, world_size: int):
     data_cfg = DataConfig(data_dir=cfg.data_dir, max_len=cfg.max_len, seed=cfg.seed)
     source = CorpusSource.resolve(data_cfg.data_dir)
@@ -174,7 +179,7 @@ def run(cfg: BenchConfig) -> dict:
     tflops_per_device = flops / elapsed / world_size / 1e12
     result = {"step_s": elapsed / cfg.steps, "sequences_per_s": sequences / elapsed, "tokens_per_s": tokens / elapsed,
               "tflops_per_device": tflops_per_device, "data_wait_pct": 100 * wait_s / elapsed,
-              "mfu_pct": 100 * tflops_per_device / cfg.peak_tflops if cfg.peak_tflops else None,
+              "mfu_pct": achieved(tflops_per_device * 1e12, cfg.peak_tflops)[1],
               "median_step_s": statistics.median(step_times[cfg.warmup:]), "losses": logged,
               "world_size": world_size, "device": str(device)}
     if rank == 0:
@@ -189,7 +194,8 @@ def run(cfg: BenchConfig) -> dict:
               f"{result['tokens_per_s']:.0f} tokens/s (padded) | data wait {result['data_wait_pct']:.2f}% of step time")
         print(f"model FLOPs {flops / cfg.steps:.3e}/step = {FLOPS_FORMULA}")
         mfu = f"{result['mfu_pct']:.1f}% of {cfg.peak_tflops} TFLOP/s" if cfg.peak_tflops else "n/a (--peak-tflops)"
-        print(f"achieved {tflops_per_device:.3f} TFLOP/s per device | MFU {mfu}")
+        print(f"achieved {tflops_per_device * 1e3:.1f} GFLOP/s ({tflops_per_device:.3f} TFLOP/s) per device | "
+              f"MFU {mfu}")
     return result
 
 

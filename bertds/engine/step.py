@@ -23,7 +23,7 @@ def micro_step(engine, batch: dict[str, torch.Tensor], fused: bool = True) -> Be
 
 def _gradient_sync(engine):
     """With one data-parallel rank and ZeRO-0 there is nothing to all-reduce, yet DeepSpeed still flattens every
-    gradient into one buffer, all-reduces it and copies it back (4% of a tiny-model CPU step): skip it there."""
+    gradient into one buffer, all-reduces it and copies it back: skip it there."""
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
         return engine.no_sync()
     return contextlib.nullcontext()

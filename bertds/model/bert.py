@@ -9,7 +9,8 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 from bertds.model.heads import BertMLMHead, BertNSPHead
-from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout, eager_cpu
+from bertds.model.cpu_fastpath import eager_cpu
+from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout
 
 
 class BertForPreTrainingOutput(NamedTuple):

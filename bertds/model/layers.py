@@ -1,22 +1,56 @@
 """BERT building blocks, named as in Hugging Face's modeling_bert: embeddings, encoder layers, pooler."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bertds.model.config import BertConfig
+from bertds.model.cpu_fastpath import Dropout, attention
 
 
 def key_padding_mask(valid_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(batch,) valid lengths -> (batch, 1, 1, seq_len) bool mask, True where a key may be attended to."""
     positions = torch.arange(seq_len, device=valid_lens.device)
     return (positions[None, :] < valid_lens[:, None]).view(-1, 1, 1, seq_len)
+
+
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x)
+
+
+class _Unpad(torch.autograd.Function):
+    """x.index_select(0, index) for unique indices, whose gradient is a plain row copy into zeros (index_copy_)
+    rather than index_select's scatter-add (slow on CPU, and the same sums: each row receives one gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return _scatter_rows(grad, index, ctx.rows), None
+
+
+class _Pad(torch.autograd.Function):
+    """Rows ``index`` of a zero (rows, ...) grid set to x, in place on the fresh grid (no copy of it); gradient: the
+    same rows of the grid's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return _scatter_rows(x, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
 
 
 @dataclass
@@ -46,57 +80,17 @@ class TokenLayout:
         """(batch, seq_len, ...) -> (tokens, ...); the identity in the padded layout."""
         if self.index is None:
             return x
-        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+        return _Unpad.apply(x.reshape(self.batch * self.seq_len, *x.shape[2:]), self.index)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(tokens, ...) -> (batch, seq_len, ...) with zeros at the padding; the identity in the padded layout."""
         if self.index is None:
             return x
-        grid = x.new_zeros(self.batch * self.seq_len, *x.shape[1:]).index_copy(0, self.index, x)
-        return grid.view(self.batch, self.seq_len, *x.shape[1:])
+        return _Pad.apply(x, self.index, self.batch * self.seq_len).view(self.batch, self.seq_len, *x.shape[1:])
 
     def positions(self, device: torch.device) -> torch.Tensor:
         positions = torch.arange(self.seq_len, device=device)
         return positions if self.index is None else self.unpad(positions.expand(self.batch, -1))
-
-
-def eager_cpu(x: torch.Tensor) -> bool:
-    """True where the CPU fast paths below apply: eager CPU tensors (torch.compile generates its own kernels)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, the same distribution (keep with probability 1 - p, scale by 1 / (1 - p)), with the CPU mask from
-    cpu_keep_mask: torch's CPU bernoulli_ took 15% of a tiny-model step."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0 < self.p < 1 or not eager_cpu(x):
-            return super().forward(x)
-        return cpu_dropout(x, self.p)
-
-
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return x.mul(cpu_keep_mask(x.shape, p)).mul_(1 / (1 - p))
-
-
-def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) as 32-bit uniform integers >= p·2³², drawn by numpy's PCG64 (both halves of its 64-bit
-    outputs): 3× faster than torch's CPU random_ and 4× faster than bernoulli_, all single-threaded. The seed comes
-    from torch's generator, so torch.manual_seed fixes the masks."""
-    n = math.prod(shape)
-    bits = np.random.PCG64(int(torch.randint(2 ** 62, ()))).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(bits >= np.uint32(round(p * 2 ** 32))).view(shape)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-              dropout_p: float) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d), masked) v on (batch, heads, seq_len, head_dim). SDPA (flash / memory-efficient
-    kernels) everywhere, except CPU training with attention dropout: SDPA then takes its math path with the slow
-    bernoulli_, so the same math is written out here with the fast mask."""
-    if not 0 < dropout_p < 1 or not eager_cpu(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
-    return cpu_dropout(scores.softmax(dim=-1), dropout_p) @ v
 
 
 class BertEmbeddings(nn.Module):

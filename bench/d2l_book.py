@@ -1,0 +1,148 @@
+"""d2l's own BERT pretraining code (the ``d2l`` pip package, d2l.ai section 15.10) as the reference of
+``bench/vs_reference.py``: ``d2l.BERTModel``, ``torch.optim.Adam`` and the book's ``train_bert`` step, timed as
+the book times it (``trainer.zero_grad()`` outside, forward + loss + backward + ``trainer.step()`` + the metric
+read inside the timer).
+
+``d2l.torch`` imports plotting, image and download modules at the top (torchvision, PIL, pandas, matplotlib,
+IPython, scipy) that its BERT code never calls: those that are not installed are replaced by empty modules for this
+process only (``pip install d2l --no-deps`` is all the bench needs).
+
+The model's structure is d2l's, not BERT's, so only part of bertds' initial weights can be carried over
+(``load_bertds_weights``): d2l has no embedding LayerNorm, uses ReLU (not GELU) in the FFN and the MLM head,
+LayerNorm eps 1e-5 (not 1e-12), an untied MLM decoder (given a copy of the tied embedding) and 1000 learned positions
+(the first 512 copied). The losses are therefore close, not equal; the equality of computation is proven against the
+local replica ``bench/reference_bert.py`` instead.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+# What d2l/torch.py imports at module level but its BERT, attention and Adam code never uses.
+UNUSED_IMPORTS = ("torchvision", "torchvision.transforms", "PIL", "PIL.Image", "pandas", "requests", "IPython",
+                  "IPython.display", "matplotlib", "matplotlib.pyplot", "matplotlib_inline",
+                  "matplotlib_inline.backend_inline", "scipy", "scipy.spatial")
+
+
+class _Unused:
+    """Stands for anything taken from a stubbed module; calling it says so instead of failing obscurely."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name} is stubbed out by bench/d2l_book.py (not installed)")
+
+    def __getattr__(self, attr: str):
+        return _Unused(f"{self.name}.{attr}")
+
+
+def _stub_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    def missing(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return sys.modules.get(f"{name}.{attr}") or _Unused(f"{name}.{attr}")
+
+    module.__getattr__ = missing  # PEP 562: `from name import attr` finds stubbed submodules and placeholders
+    return module
+
+
+def import_d2l():
+    """``d2l.torch``, with the uninstalled unused imports stubbed; None when the d2l package is not installed."""
+    if importlib.util.find_spec("d2l") is None:
+        return None
+    for name in UNUSED_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = _stub_module(name)
+    return importlib.import_module("d2l.torch")
+
+
+def d2l_version() -> str:
+    return importlib.metadata.version("d2l")
+
+
+def build_bert(d2l, config, example_batch: dict[str, torch.Tensor]) -> nn.Module:
+    """The book's ``d2l.BERTModel(len(vocab), num_hiddens=128, ffn_num_hiddens=256, num_heads=2, num_blks=2,
+    dropout=0.2)`` for bertds' config, its lazy layers materialised by one forward pass as the book does."""
+    net = d2l.BERTModel(config.vocab_size, num_hiddens=config.hidden_size, ffn_num_hiddens=config.ffn_size,
+                        num_heads=config.num_heads, num_blks=config.num_layers, dropout=config.dropout)
+    tokens, segments, valid_lens, pred_positions = to_d2l_batch(example_batch)[:4]
+    with torch.no_grad():
+        net(tokens, segments, valid_lens, pred_positions)
+    return net
+
+
+def load_bertds_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copies bertds' initial weights into d2l's BERTModel wherever the structures match (the fused qkv split in
+    three, the tied decoder copied); returns the bertds tensors d2l has no place for."""
+    sources = {"encoder.token_embedding.weight": "bert.embeddings.word_embeddings.weight",
+               "encoder.segment_embedding.weight": "bert.embeddings.token_type_embeddings.weight",
+               "hidden.0.weight": "bert.pooler.dense.weight", "hidden.0.bias": "bert.pooler.dense.bias",
+               "nsp.output.weight": "nsp.seq_relationship.weight", "nsp.output.bias": "nsp.seq_relationship.bias",
+               "mlm.mlp.0.weight": "mlm.dense.weight", "mlm.mlp.0.bias": "mlm.dense.bias",
+               "mlm.mlp.2.weight": "mlm.LayerNorm.weight", "mlm.mlp.2.bias": "mlm.LayerNorm.bias",
+               "mlm.mlp.3.weight": "mlm.decoder.weight", "mlm.mlp.3.bias": "mlm.decoder.bias"}
+    for i in range(len(net.encoder.blks)):
+        src, dst = f"bert.encoder.layer.{i}.", f"encoder.blks.{i}."
+        for kind in ("weight", "bias"):
+            sources.update({f"{dst}attention.W_o.{kind}": f"{src}attention.dense.{kind}",
+                            f"{dst}addnorm1.ln.{kind}": f"{src}attention_LayerNorm.{kind}",
+                            f"{dst}ffn.dense1.{kind}": f"{src}intermediate.{kind}",
+                            f"{dst}ffn.dense2.{kind}": f"{src}output.{kind}",
+                            f"{dst}addnorm2.ln.{kind}": f"{src}output_LayerNorm.{kind}"})
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, key in sources.items():
+            params[name].copy_(state[key])
+        for i in range(len(net.encoder.blks)):
+            for kind in ("weight", "bias"):
+                qkv = state[f"bert.encoder.layer.{i}.attention.qkv.{kind}"].chunk(3)
+                for part, proj in zip(qkv, ("W_q", "W_k", "W_v")):
+                    params[f"encoder.blks.{i}.attention.{proj}.{kind}"].copy_(part)
+        positions = state["bert.embeddings.position_embeddings.weight"]
+        params["encoder.pos_embedding"][0, :positions.shape[0]].copy_(positions)
+    used = {*sources.values(), "bert.embeddings.position_embeddings.weight"}
+    return sorted(k for k in state if k not in used and ".attention.qkv." not in k)
+
+
+def to_d2l_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A bertds d2l-recipe batch as ``_WikiTextDataset`` yields it: (tokens, segments, valid_lens, pred_positions,
+    mlm_weights, mlm_labels, nsp_labels), int64 ids, float32 valid lengths and weights."""
+    return (batch["tokens"].long(), batch["segments"].long(), batch["valid_len"].float(),
+            batch["pred_positions"].long(), batch["mlm_weights"].float(), batch["mlm_labels"].long(),
+            batch["nsp_label"].long())
+
+
+class BookTrainer:
+    """The body of the book's ``train_bert`` loop for one batch, with its timer: ``step`` returns the total loss,
+    ``timer_s`` sums the time the book's ``d2l.Timer`` would, ``pairs`` the ``metric[2]`` it divides by."""
+
+    def __init__(self, d2l, net: nn.Module, vocab_size: int, lr: float):
+        self.d2l, self.net, self.vocab_size = d2l, net, vocab_size
+        self.loss = nn.CrossEntropyLoss()
+        self.trainer = torch.optim.Adam(net.parameters(), lr=lr)
+        self.timer_s, self.pairs = 0.0, 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = to_d2l_batch(batch)
+        self.trainer.zero_grad()
+        start = time.perf_counter()
+        mlm_l, nsp_l, l = self.d2l._get_batch_loss_bert(self.net, self.loss, self.vocab_size, tokens_X, segments_X,
+                                                        valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y)
+        l.backward()
+        self.trainer.step()
+        float(mlm_l.detach()), float(nsp_l.detach())  # the book's metric.add(mlm_l, nsp_l, ...) reads both
+        self.timer_s += time.perf_counter() - start
+        self.pairs += tokens_X.shape[0]
+        return l.detach()
