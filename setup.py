@@ -23,6 +23,6 @@ setup(
         "test": ["pytest>=8"],
         # Hugging Face export/import (python -m bertds.export, --init-from-hf). The tests load exports with the
         # newest transformers and with 4.57 (.ci/run's second environment), so the range starts there.
-        "hf": ["transformers>=4.57", "safetensors", "huggingface_hub"],
+        "hf": ["transformers>=4.57", "safetensors", "huggingface_hub", "accelerate"],
     },
 )
