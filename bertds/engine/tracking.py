@@ -50,23 +50,19 @@ class Tracker:
             self.wandb_run = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
                                         dir=str(self.output_dir), config=run_config, mode=_wandb_mode())
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, wandb_prefix: str = "", unlogged: tuple[str, ...] = ("step",)) -> None:
+        """A metrics.jsonl line, and the record's other keys (``wandb_prefix`` + key) to wandb."""
         if not self.active:
             return
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+            self.wandb_run.log({wandb_prefix + k: v for k, v in record.items() if k not in unlogged and v is not None},
+                               step=record["step"])
 
     def log_eval(self, record: dict) -> None:
         """A held-out evaluation (``record["split"]``): a metrics.jsonl line, wandb keys ``eval/...``."""
-        if not self.active:
-            return
-        with open(self.output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "split")
-                                and v is not None}, step=record["step"])
+        self.log(record, wandb_prefix="eval/", unlogged=("step", "split"))
 
     def print(self, message: str) -> None:
         if self.active:
