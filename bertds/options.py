@@ -1,0 +1,67 @@
+"""Command-line options declared once, on the config dataclasses: each field's default, type, help and choices
+live in its ``option(...)``; ``add_options`` turns them into argparse flags and ``from_args`` builds the config
+back (so validation in the dataclass's ``__post_init__`` runs when the flags are parsed)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, choices: list | None = None,
+           default_factory: Any = None) -> Any:
+    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` says otherwise).
+    A bool field becomes ``--flag`` when it defaults to False and ``--no-flag`` when it defaults to True."""
+    metadata = {"help": help, "flag": flag, "choices": choices}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _value_type(annotation: Any) -> tuple[type, bool]:
+    """(element type, is a list) of a field annotation such as ``int | None`` or ``list[str] | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                skip: tuple[str, ...] = ()) -> None:
+    """Adds one flag per ``option`` field of ``cls`` (except those named in ``skip``)."""
+    hints = typing.get_type_hints(cls)
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        value_type, is_list = _value_type(hints[f.name])
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
+        if value_type is bool:
+            name = flag_name(f) if not default else (f.metadata["flag"] or "--no-" + f.name.replace("_", "-"))
+            parser.add_argument(name, action="store_false" if default else "store_true", **kwargs)
+            continue
+        if is_list:
+            kwargs["nargs"] = "+"
+        if f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag_name(f), type=value_type, **kwargs)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **fields: Any) -> T:
+    """The config of ``cls`` from parsed flags (fields not on the command line come from ``fields``)."""
+    values = {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **fields})
