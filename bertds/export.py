@@ -18,44 +18,68 @@ from pathlib import Path
 
 import torch
 
+from bertds import safe_load
 from bertds.data.tokenizer import Vocab
-from bertds.errors import UserError
+from bertds.engine.checkpoint import LATEST, first_verified, locate
+from bertds.errors import UserError, run_cli
 from bertds.model import BertConfig, BertForPreTraining
 from bertds.model_card import (FINETUNE_RECORD, RUN_RECORD, classifier_card, pretraining_card, read_record,
                                trained_max_len, write_model_card)
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 from bertds.tasks.classifier import CLASSIFIER_FILE, load_classifier
 
-LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module file without ZeRO-3 (ZeRO-3: zero_pp_rank_*_...)
 
 
-def find_deepspeed_checkpoint(path: Path) -> tuple[Path, str] | None:
-    """(directory holding ``latest``, tag) for a DeepSpeed checkpoint at ``path``, or None."""
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            return root, (root / LATEST).read_text().strip()
-    if any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    return None
-
-
-def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint: ZeRO partitions are merged by zero_to_fp32; without ZeRO the module
-    file holds them whole."""
-    checkpoint = root / tag
+def consolidated_state_dict(checkpoint: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 weights of a verified DeepSpeed checkpoint directory: ZeRO partitions are merged by zero_to_fp32 (which
+    unpickles fully, so the files were checked first); without ZeRO the module file holds them whole."""
     if any(checkpoint.glob("*_optim_states.pt")):  # written by ZeRO stages 1-3
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with contextlib.redirect_stdout(sys.stderr):  # it reports its progress on stdout
-            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if not (checkpoint / MODEL_STATES).is_file():
         raise UserError(f"{checkpoint} holds no DeepSpeed model states ({MODEL_STATES}); the checkpoint is "
                         "incomplete, pick another one")
-    return torch.load(checkpoint / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    return safe_load.load(checkpoint / MODEL_STATES, trust=trust)["module"]
 
 
-def load_checkpoint(path: str | Path) -> tuple[BertForPreTraining, Vocab]:
-    """(model in eval mode on the CPU, vocabulary) from a finished run or a DeepSpeed checkpoint (see module doc)."""
+def find_deepspeed_checkpoint(path: Path, trust: bool = False) -> Path | None:
+    """The DeepSpeed checkpoint directory at ``path`` that verifies (see ``bertds.engine.checkpoint.locate``;
+    a damaged ``latest`` falls back to the newest complete one, saying so), or None if there is none."""
+    found = locate(path)
+    if found is None:
+        return None
+    checkpoint, passed_over = first_verified(found, trust, require_manifest=False)
+    if passed_over:
+        print(f"warning: {'; '.join(passed_over)}; using {checkpoint}, the newest checkpoint that verifies",
+              file=sys.stderr)
+    return checkpoint
+
+
+def load_deepspeed_checkpoint(path: Path, trust: bool = False) -> tuple[BertForPreTraining, Vocab, Path]:
+    """(model, vocabulary, checkpoint directory) of the DeepSpeed checkpoint at ``path``."""
+    checkpoint = find_deepspeed_checkpoint(path, trust)
+    if checkpoint is None:
+        if (path / "best" / CLASSIFIER_FILE).is_file():
+            raise UserError(f"{path} is a fine-tuning run; pass its best/ directory ({path / 'best'})")
+        raise UserError(f"{path} is neither a finished bertds run (no {WEIGHTS_FILE}) nor a DeepSpeed checkpoint "
+                        f"(no '{LATEST}' file, no *model_states.pt); pass a run's --output-dir or its checkpoints/")
+    # bertds writes config.json and tokenizer.json into each tag directory; a run directory holds them too.
+    metadata = next((d for d in (checkpoint, checkpoint.parent, checkpoint.parent.parent)
+                     if (d / CONFIG_FILE).is_file()), None)
+    if metadata is None:
+        raise UserError(f"no {CONFIG_FILE} beside the DeepSpeed checkpoint {checkpoint}; copy the run's "
+                        f"{CONFIG_FILE} and tokenizer.json into it")
+    config, vocab = BertConfig.load(metadata / CONFIG_FILE), Vocab.load(metadata)
+    model = BertForPreTraining(config)
+    model.load_state_dict(consolidated_state_dict(checkpoint, trust))
+    return model.eval(), vocab, checkpoint
+
+
+def load_checkpoint(path: str | Path, trust: bool = False) -> tuple[BertForPreTraining, Vocab]:
+    """(model in eval mode on the CPU, vocabulary) from a finished run or a DeepSpeed checkpoint (see module doc).
+    Files that only full unpickling can read (which can run code) are refused unless ``trust``."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist; pass a finished run's --output-dir or a DeepSpeed "
@@ -65,37 +89,20 @@ def load_checkpoint(path: str | Path) -> tuple[BertForPreTraining, Vocab]:
                         "bertds.tasks.load_classifier (python -m bertds.export turns it into a "
                         "BertForSequenceClassification)")
     if (path / WEIGHTS_FILE).is_file():
-        try:
-            return load_pretrained(path)
-        except RuntimeError as e:  # load_state_dict: the weights of another module
-            raise UserError(f"{path / WEIGHTS_FILE} holds no bertds BertForPreTraining weights "
-                            f"({str(e).splitlines()[0][:160]}); pass a pretraining run, its checkpoints/, or a "
-                            "fine-tuning run's best/ directory") from None
-    found = find_deepspeed_checkpoint(path)
-    if found is None:
-        if (path / "best" / CLASSIFIER_FILE).is_file():
-            raise UserError(f"{path} is a fine-tuning run; pass its best/ directory ({path / 'best'})")
-        raise UserError(f"{path} is neither a finished bertds run (no {WEIGHTS_FILE}) nor a DeepSpeed checkpoint "
-                        f"(no '{LATEST}' file, no *model_states.pt); pass a run's --output-dir or its checkpoints/")
-    root, tag = found
-    # bertds writes config.json and tokenizer.json into each tag directory; a run directory holds them too.
-    metadata = next((d for d in (root / tag, root, root.parent) if (d / CONFIG_FILE).is_file()), None)
-    if metadata is None:
-        raise UserError(f"no {CONFIG_FILE} beside the DeepSpeed checkpoint {root / tag}; copy the run's "
-                        f"{CONFIG_FILE} and tokenizer.json into it")
-    config, vocab = BertConfig.load(metadata / CONFIG_FILE), Vocab.load(metadata)
-    model = BertForPreTraining(config)
-    model.load_state_dict(consolidated_state_dict(root, tag))
-    return model.eval(), vocab
+        return load_pretrained(path)
+    model, vocab, _ = load_deepspeed_checkpoint(path, trust)
+    return model, vocab
 
 
-def export_pretrained(path: Path, out: Path, max_len: int | None, name: str) -> str:
+def export_pretrained(path: Path, out: Path, max_len: int | None, name: str, trust: bool = False) -> str:
     """A pretrained model as a BertForPreTraining directory; returns the transformers class to load it with."""
     from bertds.hf import check_post_layernorm, describe_architecture, save_hf
-    model, vocab = load_checkpoint(path)
+    if (path / WEIGHTS_FILE).is_file() or not path.is_dir():
+        (model, vocab), run_dir, tag = load_checkpoint(path), path, None
+    else:
+        model, vocab, checkpoint = load_deepspeed_checkpoint(path, trust)
+        run_dir, tag = checkpoint.parent.parent, checkpoint.name
     check_post_layernorm(model.config.pre_layernorm, str(path))
-    found = None if (path / WEIGHTS_FILE).is_file() else find_deepspeed_checkpoint(path)
-    run_dir, tag = (path, None) if found is None else (found[0].parent, found[1])
     record = read_record(run_dir, RUN_RECORD)
     max_len = max_len or trained_max_len(record)
     if max_len is None:
@@ -136,16 +143,17 @@ def push_to_hub(directory: Path, repo_id: str) -> str:
                         f"{str(e)[:200]}); check the network and log in with `hf auth login`") from None
 
 
-def export(checkpoint: str, out: str, max_len: int | None = None, name: str | None = None) -> tuple[Path, str]:
+def export(checkpoint: str, out: str, max_len: int | None = None, name: str | None = None,
+           trust: bool = False) -> tuple[Path, str]:
     """Writes the Hugging Face directory ``out``; returns it and the transformers class that loads it. ``name``:
-    what the model card's code loads (a hub repository; default ``out``)."""
+    what the model card's code loads (a hub repository; default ``out``); ``trust``: see ``load_checkpoint``."""
     path, out_dir = Path(checkpoint), Path(out)
     if out_dir.resolve() == path.resolve() or (out_dir / WEIGHTS_FILE).exists() or (out_dir / LATEST).exists():
         raise UserError(f"--out {out_dir} holds a bertds run or checkpoint, which the export would overwrite; "
                         "choose another --out directory")
     if (path / CLASSIFIER_FILE).is_file():
         return out_dir, export_classifier(path, out_dir, name or out)
-    return out_dir, export_pretrained(path, out_dir, max_len, name or out)
+    return out_dir, export_pretrained(path, out_dir, max_len, name or out, trust)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,16 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                                                     "run trained at (its train_config.json)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the directory to this Hugging Face "
                                                                  "hub repository (huggingface_hub, logged in)")
+    parser.add_argument(safe_load.TRUST_FLAG, action="store_true",
+                        help="load DeepSpeed files that need full unpickling, which can run code they carry: only "
+                             "for checkpoints from a source you trust")
     args = parser.parse_args(argv)
-    try:
-        out, model_class = export(args.checkpoint, args.out, args.max_len, args.push_to_hub)
+
+    def run() -> None:
+        out, model_class = export(args.checkpoint, args.out, args.max_len, args.push_to_hub, args.trust_checkpoint)
         pushed = push_to_hub(out, args.push_to_hub) if args.push_to_hub else None
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"exported {args.checkpoint} to {out}: transformers.{model_class}.from_pretrained('{out}'), "
-          f"transformers.AutoTokenizer.from_pretrained('{out}')" + (f"; pushed: {pushed}" if pushed else ""))
-    return 0
+        print(f"exported {args.checkpoint} to {out}: transformers.{model_class}.from_pretrained('{out}'), "
+              f"transformers.AutoTokenizer.from_pretrained('{out}')" + (f"; pushed: {pushed}" if pushed else ""))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from bertds import safe_load
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 from bertds.model import BertConfig, BertForPreTraining
@@ -34,5 +35,11 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu") -
         raise UserError(f"{directory}: vocabulary has {len(vocab)} tokens but the model expects "
                         f"{config.vocab_size}; the tokenizer.json belongs to another run")
     model = BertForPreTraining(config)
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    weights = safe_load.load(directory / WEIGHTS_FILE)
+    try:
+        model.load_state_dict(weights if isinstance(weights, dict) else {})
+    except RuntimeError as e:  # the weights of another module
+        raise UserError(f"{directory / WEIGHTS_FILE} holds no bertds BertForPreTraining weights for its "
+                        f"{CONFIG_FILE} ({str(e).splitlines()[0][:160]}); pass a finished bertds pretraining run"
+                        ) from None
     return model.to(device).eval(), vocab

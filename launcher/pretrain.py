@@ -38,6 +38,8 @@ def parse_args(argv=None) -> TrainConfig:
     ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     ckpt.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
     ckpt.add_argument("--resume", help="'auto' (latest checkpoint in --output-dir, if any) or a checkpoint path")
+    ckpt.add_argument("--trust-checkpoint", action="store_true", help="resume from checkpoint files that need full "
+                      "unpickling (which can run code): only for checkpoints from a source you trust")
     ckpt.add_argument("--overwrite", action="store_true", help="allow an --output-dir that holds another run")
     track = p.add_argument_group("tracking")
     track.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
@@ -55,7 +57,8 @@ def parse_args(argv=None) -> TrainConfig:
         untie_embeddings=args.untie_embeddings, activation_checkpointing=args.activation_checkpointing,
         compile=args.compile, init_from=args.init_from, init_from_hf=args.init_from_hf,
         save_interval=args.save_interval, keep_last=args.keep_last,
-        resume=args.resume, overwrite=args.overwrite, wandb=not args.no_wandb, wandb_project=args.wandb_project,
+        resume=args.resume, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite,
+        wandb=not args.no_wandb, wandb_project=args.wandb_project,
         wandb_run_name=args.wandb_run_name, eval=eval_config_from_args(args), pre_ln=args.pre_ln)
 
 

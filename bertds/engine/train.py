@@ -57,6 +57,7 @@ class TrainConfig:
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 3
     resume: str | None = None  # "auto" or a checkpoint directory
+    trust_checkpoint: bool = False  # let DeepSpeed unpickle checkpoint files that hold more than tensors
     overwrite: bool = False
     wandb: bool = True
     wandb_project: str = "bertds"
@@ -129,7 +130,7 @@ def train(cfg: TrainConfig) -> RunState:
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     output_dir = Path(cfg.output_dir)
-    checkpoint = find_checkpoint(output_dir, cfg.resume)
+    checkpoint = find_checkpoint(output_dir, cfg.resume, cfg.data.max_len, cfg.trust_checkpoint)
 
     data = prepare_for_training(cfg.data, rank)
     torch.manual_seed(cfg.data.seed)
@@ -146,7 +147,7 @@ def train(cfg: TrainConfig) -> RunState:
     state, window = RunState(), torch.zeros(len(WINDOW_FIELDS), device=device)
     if checkpoint is not None:
         check_batch_layout(checkpoint, engine)
-        client_state, rank_state = load_training_checkpoint(engine, checkpoint)
+        client_state, rank_state = load_training_checkpoint(engine, checkpoint, cfg.trust_checkpoint)
         state = RunState(**{**client_state["run_state"], "preempted": False})
         batches.load_state_dict(rank_state["data"])
         window = rank_state["window"].to(device)
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig) -> RunState:
         client_state = {"run_state": asdict(state), "world_size": world_size}
         rank_state = {"data": batches.state_dict(), "window": window.cpu()}
         path = save_training_checkpoint(engine, output_dir, step, client_state, rank_state, data.vocab,
-                                        model.config, cfg.keep_last)
+                                        model.config, cfg.keep_last, cfg.data.max_len)
         tracker.print(f"checkpoint: {path}")
 
     heldout = heldout_examples(cfg.data, data, cfg.eval, rank)
