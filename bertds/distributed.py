@@ -9,11 +9,37 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from bertds.errors import UserError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_rank() -> int:
+    """This process' global rank, also before the process group exists (0 under a plain ``python``)."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+
+
+def check_master_port() -> None:
+    """Before the process group starts, on rank 0: the rendezvous port it is about to listen on must be free; else
+    another job holds it and torch would fail with an EADDRINUSE traceback after every rank has waited for it.
+    (Under torchrun the agent already listens there and serves the ranks: nothing to check.)"""
+    port = os.environ.get("MASTER_PORT")
+    if dist.is_initialized() or launch_rank() != 0 or port is None or os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for TCPStore too
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            raise UserError(f"the master port {port} is in use ({e.strerror}), probably by another run; pass another "
+                            "--master_port to the deepspeed launcher (torchrun: --master-port), or set MASTER_PORT") \
+                from None
 
 
 def init_distributed() -> tuple[int, int]:
@@ -39,7 +65,10 @@ def _one_thread_share_per_rank() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """``wait_for_peers``: a barrier first, so that rank 0 (which serves the rendezvous store) leaves last; after an
+    error the peers may never arrive there, so the rank leaves at once."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

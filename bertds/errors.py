@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2  # bad flags, data or configs: one "error:" line on stderr
 EXIT_DIVERGED = 3  # the loss became NaN/inf; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": stopped by a signal after saving a checkpoint (SLURM requeues)
+EXIT_FAILED = 1  # a bug or a lost peer: the traceback is printed
 
 
 class UserError(Exception):

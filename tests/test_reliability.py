@@ -11,8 +11,8 @@ import torch
 
 from bertds.data import DataConfig
 from bertds.engine import train as train_module
-from bertds.engine.preemption import PREEMPTED_EXIT_CODE
 from bertds.engine.tracking import read_metrics
+from bertds.errors import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
 from tests.conftest import REPO, launcher_command, launcher_env
 
 STEPS = 20
@@ -186,12 +186,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(process_group
                                                                    cache_dir, tmp_path, monkeypatch):
     real_step, calls = train_module.micro_step, []
 
-    def poisoned_step(engine, batch):
+    def poisoned_step(engine, batch, **kwargs):
         calls.append(1)
         if len(calls) == 6:  # weights turn NaN during step 6, as after an exploding update
             with torch.no_grad():
                 next(engine.module.parameters()).fill_(float("nan"))
-        return real_step(engine, batch)
+        return real_step(engine, batch, **kwargs)
 
     monkeypatch.setattr(train_module, "micro_step", poisoned_step)
     cfg = train_module.TrainConfig(

@@ -47,6 +47,8 @@ def validate_ds_config(config: dict, path: str | Path) -> None:
             close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "remove it"
             raise UserError(f"DeepSpeed config {path} has an unknown key '{key}'; {hint}")
+    _check_type(config, "optimizer", path, _optimizer_names())
+    _check_type(config, "scheduler", path, _scheduler_names())
     if "zero_optimization" in config:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         from pydantic import ValidationError
@@ -57,6 +59,38 @@ def validate_ds_config(config: dict, path: str | Path) -> None:
             where = ".".join(str(part) for part in first["loc"])
             raise UserError(f"DeepSpeed config {path}: zero_optimization.{where}: {first['msg']}; fix the file") \
                 from None
+
+
+def _optimizer_names() -> dict[str, str]:
+    """Lower-case name -> spelling of what ``"optimizer": {"type": ...}`` accepts: DeepSpeed's own optimizers (any
+    case) and, as DeepSpeed falls back to them, torch.optim's classes."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    names = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"}
+    return {**names, **{n: names.get(n, n) for n in DEEPSPEED_OPTIMIZERS}}
+
+
+def _scheduler_names() -> dict[str, str]:
+    """As ``_optimizer_names`` for ``"scheduler"``: DeepSpeed's schedules, torch's, and bertds' PolyWarmup."""
+    import torch
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    names = [n for n in dir(torch.optim.lr_scheduler) if isinstance(getattr(torch.optim.lr_scheduler, n), type)]
+    return {n.lower(): n for n in [*VALID_LR_SCHEDULES, *names, "PolyWarmup"]}
+
+
+def _check_type(config: dict, section: str, path: str | Path, known: dict[str, str]) -> None:
+    """A misspelt optimizer or scheduler type is a UserError with a did-you-mean (DeepSpeed raises deep inside
+    initialize, after the process group and the data are up)."""
+    kind = (config.get(section) or {}).get("type")
+    if kind is None:
+        return
+    case_insensitive = section == "optimizer"
+    if (kind.lower() if case_insensitive else kind) in (known if case_insensitive else known.values()):
+        return
+    close = difflib.get_close_matches(kind.lower(), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean '{known[close[0]]}'?" if close else f"choose one of {', '.join(sorted(known.values()))}"
+    raise UserError(f"DeepSpeed config {path}: unknown {section} type '{kind}'; {hint}")
 
 
 def resolve_batch_sizes(ds_config: dict, world_size: int, batch_size: int | None = None) -> dict:
