@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,10 +92,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes(reference, launch,
     assert resumed == expected
 
 
-def test_a_crash_while_saving_never_becomes_latest(reference, launch, wikitext_dir, tmp_path):
+def test_a_crash_while_saving_never_becomes_latest(reference, launch, wikitext_dir, cache_dir, tmp_path):
     args = [*RUN, "--data-dir", str(wikitext_dir), "--output-dir", str(tmp_path), "--save-interval", "5",
             "--no-wandb"]
-    crashed = launch("pretrain.py", *args, env={"BERTDS_FAULT_INJECT": "kill_before_latest@10"})
+    crashed = subprocess.run([sys.executable, str(REPO / "tests" / "crash_before_latest.py"), "step00000010", *args],
+                             cwd=REPO, env=launcher_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL
     assert (tmp_path / "checkpoints" / "step00000010").is_dir()  # written, but never committed
     assert latest(tmp_path) == "step00000005"
