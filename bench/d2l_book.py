@@ -72,12 +72,13 @@ def d2l_version() -> str:
     return importlib.metadata.version("d2l")
 
 
-def build_bert(d2l, config, example_batch: dict[str, torch.Tensor]) -> nn.Module:
+def build_bert(d2l, config, example_batch: tuple[torch.Tensor, ...]) -> nn.Module:
     """The book's ``d2l.BERTModel(len(vocab), num_hiddens=128, ffn_num_hiddens=256, num_heads=2, num_blks=2,
-    dropout=0.2)`` for bertds' config, its lazy layers materialised by one forward pass as the book does."""
+    dropout=0.2)`` for bertds' config, its lazy layers materialised by one forward pass on a d2l batch (as
+    ``_WikiTextDataset`` yields it) as the book does."""
     net = d2l.BERTModel(config.vocab_size, num_hiddens=config.hidden_size, ffn_num_hiddens=config.ffn_size,
                         num_heads=config.num_heads, num_blks=config.num_layers, dropout=config.dropout)
-    tokens, segments, valid_lens, pred_positions = to_d2l_batch(example_batch)[:4]
+    tokens, segments, valid_lens, pred_positions = example_batch[:4]
     with torch.no_grad():
         net(tokens, segments, valid_lens, pred_positions)
     return net
@@ -116,6 +117,16 @@ def load_bertds_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> list[
     return sorted(k for k in state if k not in used and ".attention.qkv." not in k)
 
 
+def load_wiki(d2l, data_dir: str, batch_size: int, max_len: int):
+    """The book's ``d2l.load_data_wiki(batch_size, max_len)`` on a local WikiText-2 directory (no download):
+    ``_read_wiki``, ``_WikiTextDataset`` and a shuffling DataLoader with ``d2l.get_dataloader_workers()``
+    workers. Returns (train_iter, vocab)."""
+    train_set = d2l._WikiTextDataset(d2l._read_wiki(data_dir), max_len)
+    train_iter = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True,
+                                             num_workers=d2l.get_dataloader_workers())
+    return train_iter, train_set.vocab
+
+
 def to_d2l_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """A bertds d2l-recipe batch as ``_WikiTextDataset`` yields it: (tokens, segments, valid_lens, pred_positions,
     mlm_weights, mlm_labels, nsp_labels), int64 ids, float32 valid lengths and weights."""
@@ -135,7 +146,12 @@ class BookTrainer:
         self.timer_s, self.pairs = 0.0, 0
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = to_d2l_batch(batch)
+        """One step on a bertds batch, in d2l's dtypes."""
+        return self.step_d2l(to_d2l_batch(batch))
+
+    def step_d2l(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One step on a batch as d2l's own DataLoader yields it (already on the model's device)."""
+        tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = batch
         self.trainer.zero_grad()
         start = time.perf_counter()
         mlm_l, nsp_l, l = self.d2l._get_batch_loss_bert(self.net, self.loss, self.vocab_size, tokens_X, segments_X,

@@ -134,20 +134,17 @@ def build_model(cfg: BenchConfig, vocab_size: int, pad_id: int) -> BertForPreTra
     return BertForPreTraining(get_config(cfg.model, vocab_size=vocab_size, pad_token_id=pad_id))
 
 
-def run(cfg: BenchConfig) -> dict:
-    check(cfg)
-    rank, world_size = init_distributed()
-    accelerator = get_accelerator()
-    device = torch.device(accelerator.current_device_name())
-    data, batches = load_batches(cfg, rank, world_size)
-    model = build_model(cfg, len(data.vocab), data.vocab.pad_id)
-    per_token, per_slot = split_parameters(model)
-    if cfg.compile:
-        model.bert.compile()  # in place: parameter names and state-dict keys stay as they are
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg))
-    step_fn = STEPS[cfg.mlm_loss]
-    prefetch = Prefetcher(iter(batches), device)
+@dataclass
+class Timed:
+    elapsed: float  # seconds of the timed steps (after warm-up)
+    slots: float  # real MLM prediction slots in the timed steps
+    step_times: list[float]  # host seconds per step, warm-up included
+    logged: list[tuple[int, float, float]]  # (step, mean MLM loss, mean NSP loss) every log_interval steps
 
+
+def timed_steps(cfg: BenchConfig, engine, step_fn, prefetch: Prefetcher) -> Timed:
+    """cfg.warmup untimed then cfg.steps timed training steps; the losses are read every log_interval steps only."""
+    accelerator, device = get_accelerator(), prefetch.device
     losses = torch.zeros(2, device=device)
     slots = torch.zeros((), device=device)
     step_times, logged = [], []
@@ -168,9 +165,26 @@ def run(cfg: BenchConfig) -> dict:
         step_times.append(time.perf_counter() - t0)
     accelerator.synchronize()
     elapsed = time.perf_counter() - start
+    return Timed(elapsed, slots.item(), step_times, logged)
+
+
+def run(cfg: BenchConfig) -> dict:
+    check(cfg)
+    rank, world_size = init_distributed()
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.current_device_name())
+    data, batches = load_batches(cfg, rank, world_size)
+    model = build_model(cfg, len(data.vocab), data.vocab.pad_id)
+    per_token, per_slot = split_parameters(model)
+    if cfg.compile:
+        model.bert.compile()  # in place: parameter names and state-dict keys stay as they are
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg))
+    prefetch = Prefetcher(iter(batches), device)
+    timed = timed_steps(cfg, engine, STEPS[cfg.mlm_loss], prefetch)
+    elapsed, slots, step_times, logged = timed.elapsed, timed.slots, timed.step_times, timed.logged
 
     sequences = cfg.micro_batch * cfg.steps
-    totals = torch.tensor([sequences, sequences * cfg.max_len, slots.item(), prefetch.wait_s, elapsed],
+    totals = torch.tensor([sequences, sequences * cfg.max_len, slots, prefetch.wait_s, elapsed],
                           dtype=torch.float64, device=device)
     dist.all_reduce(totals)  # sums over ranks (wait and elapsed: averaged below)
     sequences, tokens, slots_total, wait_s, elapsed = totals.tolist()

@@ -76,7 +76,7 @@ def replica_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contend
 
 def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Batch) -> Contender:
     source = build_model(cfg, vocab_size, pad_id)
-    net = d2l_book.build_bert(d2l, source.config, batch).to(get_accelerator().current_device_name())
+    net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch)).to(get_accelerator().current_device_name())
     unmapped = d2l_book.load_bertds_weights(net, source.state_dict())
     print(f"d2l {d2l_book.d2l_version()}: bertds' initial weights copied into d2l.BERTModel except {unmapped} "
           "(no counterpart); d2l's own ReLU, LayerNorm eps 1e-5, untied decoder")
