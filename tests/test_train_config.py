@@ -1,4 +1,5 @@
 """Pretraining flags are validated when parsed (issue 13 §7): one UserError each, before anything starts."""
+import importlib.util
 import os
 
 import pytest
@@ -6,8 +7,6 @@ import pytest
 from bertds.engine.runlock import RunLock
 from bertds.errors import UserError
 from tests.conftest import REPO
-
-import importlib.util
 
 spec = importlib.util.spec_from_file_location("pretrain_launcher", REPO / "launcher" / "pretrain.py")
 pretrain = importlib.util.module_from_spec(spec)
