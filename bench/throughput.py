@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bertds.data import CorpusSource, DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data  # noqa: E402
+from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus  # noqa: E402
 from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine import micro_step  # noqa: E402
 from bertds.errors import UserError  # noqa: E402
@@ -120,7 +120,7 @@ def achieved(flops_per_s: float, peak_tflops: float | None) -> tuple[float, floa
 
 def load_batches(cfg: BenchConfig, rank: int, world_size: int):
     data_cfg = DataConfig(data_dir=cfg.data_dir, max_len=cfg.max_len, seed=cfg.seed)
-    source = CorpusSource.resolve(data_cfg.data_dir)
+    source = resolve_corpus(None, data_cfg.data_dir)
     examples = ExampleConfig(max_len=cfg.max_len, seed=cfg.seed)
     if rank == 0:
         prepare_pretraining_data(source, examples)

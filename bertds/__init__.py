@@ -1,12 +1,6 @@
-"""bertds: distributed BERT pretraining on DeepSpeed."""
-import contextlib
-import sys
-
-# DeepSpeed's logger writes to the sys.stdout of the moment it is imported, and importing it already logs (e.g.
-# "Setting accelerator to CPU"): imported with stdout pointed at stderr, its messages never mix with the machine
-# output (JSON) that bertds' command lines print on stdout.
-with contextlib.redirect_stdout(sys.stderr):
-    import deepspeed  # noqa: F401
+"""bertds: distributed BERT pretraining on DeepSpeed. ``import bertds`` loads the model, the tokenizer and
+``encode`` (torch and tokenizers), never ``datasets`` or DeepSpeed: those come with ``bertds.data``'s preparation
+and ``bertds.engine`` (which imports DeepSpeed with its start-up messages on stderr)."""
 from bertds.data.tokenizer import Vocab
 from bertds.encode import encode
 from bertds.errors import UserError

@@ -18,26 +18,32 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bertds.data import DataConfig, PreparedData, add_data_arguments, load_prepared, prepare_for_training
+from bertds.data.config import DataConfig, add_data_arguments
 from bertds.data.corpus import resolve_corpus
-from bertds.data.loader import example_config, rank_range, table_columns
+from bertds.data.loader import rank_range, table_columns
 from bertds.data.masking import MASK_RATE
-from bertds.data.prepare import MANIFEST, TokenizerChoice, prepare_directory
+from bertds.data.prepare import TokenizerChoice, example_config, prepare_directory, prepare_for_training
+from bertds.data.shards import MANIFEST, PreparedData, load_prepared
 from bertds.data.tokenizer import TOKENIZER_FILE
-from bertds.errors import UserError
+from bertds.errors import UserError, run_cli
+from bertds.options import add_options, from_args, option
+
+if TYPE_CHECKING:
+    import datasets
 
 EVAL_SEED = 1234  # the held-out masks: the same for every run, whatever its --seed
 HELDOUT_PREFIX = "heldout-"  # prepare_data.py writes OUT/heldout-SPLIT beside the training shards
 RECIPE_FIELDS = ("max_len", "truncate", "recipe", "sentence_task", "short_seq_prob", "whole_word_masking")
 TRAIN_CONFIG = "train_config.json"
 DEFAULT_BATCH = 64
+EVAL_PREFIX = "eval_"  # the flags are --eval-interval, --eval-split, ...
 DEFAULT_EXAMPLES = 1000  # keeps an evaluation to seconds on a CPU; MLPerf's BERT evaluates 10,000
 
 
@@ -45,10 +51,13 @@ DEFAULT_EXAMPLES = 1000  # keeps an evaluation to seconds on a CPU; MLPerf's BER
 class EvalConfig:
     """Held-out evaluation flags of ``launcher/pretrain.py``."""
 
-    interval: int = 0  # steps between evaluations; 0: only at the end (which always evaluates)
-    split: str = "validation"
-    corpus: list[str] | None = None  # None: the training corpus' --eval-split
-    examples: int = DEFAULT_EXAMPLES  # cap on the held-out examples (the first ones); 0: all
+    interval: int = option(0, "steps between held-out evaluations (0: only at the end of the run)")
+    split: str = option("validation", "held-out split of the corpus (WikiText: wiki.valid.tokens; hub: its "
+                                      "validation split)")
+    corpus: list[str] | None = option(None, "held-out text instead (same forms as --corpus); default: the "
+                                            "training corpus' --eval-split")
+    examples: int = option(DEFAULT_EXAMPLES, f"score the first K held-out examples (default {DEFAULT_EXAMPLES}; "
+                                             "0: all)")
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.examples < 0:
@@ -57,20 +66,12 @@ class EvalConfig:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, interval: bool = True) -> None:
-    group = parser.add_argument_group("held-out evaluation")
-    if interval:
-        group.add_argument("--eval-interval", type=int, default=0,
-                           help="steps between held-out evaluations (0: only at the end of the run)")
-    group.add_argument("--eval-split", default="validation", help="held-out split of the corpus (WikiText: "
-                                                                  "wiki.valid.tokens; hub: its validation split)")
-    group.add_argument("--eval-corpus", nargs="+", help="held-out text instead (same forms as --corpus)")
-    group.add_argument("--eval-examples", type=int, default=DEFAULT_EXAMPLES,
-                       help=f"score the first K held-out examples (default {DEFAULT_EXAMPLES}; 0: all)")
+    add_options(parser.add_argument_group("held-out evaluation"), EvalConfig, skip=() if interval else ("interval",),
+                prefix=EVAL_PREFIX)
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(interval=getattr(args, "eval_interval", 0), split=args.eval_split, corpus=args.eval_corpus,
-                      examples=args.eval_examples)
+    return from_args(EvalConfig, args, prefix=EVAL_PREFIX)
 
 
 def _split_exists(train: DataConfig, split: str) -> bool:
@@ -253,18 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(**{name: None for name in data_flags})  # None: not given, the run's value stays
     args = parser.parse_args(argv)
     explicit = {name for name in data_flags if getattr(args, name) is not None}
-    try:
+
+    def run() -> int:
         cfg = eval_config_from_args(args)
-        run = find_train_config(Path(args.checkpoint))
-        if run is not None and "eval" in run.get("train", {}) and args.eval_corpus is None:
-            cfg = dataclasses.replace(cfg, corpus=run["train"]["eval"].get("corpus"))
-        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args, explicit, run), cfg, args.batch_size,
+        found = find_train_config(Path(args.checkpoint))
+        if found is not None and "eval" in found.get("train", {}) and args.eval_corpus is None:
+            cfg = dataclasses.replace(cfg, corpus=found["train"]["eval"].get("corpus"))
+        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args, explicit, found), cfg, args.batch_size,
                                       args.cache_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(metrics) if args.json else f"eval {args.checkpoint} | {describe(metrics, cfg.split)}")
-    return 0
+        print(json.dumps(metrics) if args.json else f"eval {args.checkpoint} | {describe(metrics, cfg.split)}")
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

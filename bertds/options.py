@@ -36,32 +36,35 @@ def option_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def flag_name(f: dataclasses.Field) -> str:
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
+    return f.metadata["flag"] or "--" + (prefix + f.name).replace("_", "-")
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                skip: tuple[str, ...] = ()) -> None:
-    """Adds one flag per ``option`` field of ``cls`` (except those named in ``skip``)."""
+                skip: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Adds one flag per ``option`` field of ``cls`` (except those named in ``skip``); ``prefix`` goes before
+    each field's name in its flag and its argparse dest (``prefix="eval_"``: ``split`` is ``--eval-split``)."""
     hints = typing.get_type_hints(cls)
     for f in option_fields(cls):
         if f.name in skip:
             continue
         value_type, is_list = _value_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"], "default": default}
         if value_type is bool:
-            name = flag_name(f) if not default else (f.metadata["flag"] or "--no-" + f.name.replace("_", "-"))
+            name = flag_name(f, prefix) if not default else (
+                f.metadata["flag"] or "--no-" + (prefix + f.name).replace("_", "-"))
             parser.add_argument(name, action="store_false" if default else "store_true", **kwargs)
             continue
         if is_list:
             kwargs["nargs"] = "+"
         if f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag_name(f), type=value_type, **kwargs)
+        parser.add_argument(flag_name(f, prefix), type=value_type, **kwargs)
 
 
-def from_args(cls: type[T], args: argparse.Namespace, **fields: Any) -> T:
-    """The config of ``cls`` from parsed flags (fields not on the command line come from ``fields``)."""
-    values = {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
+def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **fields: Any) -> T:
+    """The config of ``cls`` from parsed flags (added with the same ``prefix``; fields not on the command line
+    come from ``fields``)."""
+    values = {f.name: getattr(args, prefix + f.name) for f in option_fields(cls) if hasattr(args, prefix + f.name)}
     return cls(**{**values, **fields})

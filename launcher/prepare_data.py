@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from bertds.data import add_data_arguments, data_config_from_args
+from bertds.data.config import add_data_arguments, check_writable_dir, data_config_from_args
 from bertds.data.corpus import resolve_corpus
-from bertds.data.loader import default_cache_dir, example_config
-from bertds.data.prepare import TokenizerChoice, prepare_directory
-from bertds.errors import UserError
+from bertds.data.prepare import TokenizerChoice, default_cache_dir, example_config, prepare_directory
+from bertds.errors import UserError, run_cli
 from bertds.evaluate import add_eval_arguments, eval_config_from_args, prepare_heldout
 
 
@@ -26,19 +25,21 @@ def main(argv=None) -> int:
     add_data_arguments(p)
     add_eval_arguments(p, interval=False)
     args = p.parse_args(argv)
-    config = data_config_from_args(args)
+    return run_cli(lambda: prepare(args))
+
+
+def prepare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        if config.prepared:
-            raise UserError("--prepared names data to train on; prepare_data.py writes to --out")
-        corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
-        data = prepare_directory(corpus, TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
-                                 example_config(config), Path(args.out), config.streaming,
-                                 Path(config.cache_dir) if config.cache_dir else default_cache_dir())
-        heldout = prepare_heldout(config, data, eval_config_from_args(args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    config = data_config_from_args(args)
+    if config.prepared:
+        raise UserError("--prepared names data to train on; prepare_data.py writes to --out")
+    out = Path(args.out)
+    check_writable_dir(out.parent, "--out")
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
+    data = prepare_directory(corpus, TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
+                             example_config(config), out, config.streaming, cache)
+    heldout = prepare_heldout(config, data, eval_config_from_args(args))
     manifest = data.manifest or {}
     print(f"{'reused' if data.from_cache else 'prepared'} {manifest.get('num_examples')} examples "
           f"(max_len {manifest.get('max_len')}, {manifest.get('recipe')} recipe, {manifest.get('masking')} masking, "

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from bertds.data import (CorpusSource, ExampleConfig, PretrainingBatches, Vocab, build_examples, load_paragraphs,
-                         prepare_pretraining_data)
-from bertds.data import corpus as corpus_module
+from bertds.data import (ExampleConfig, PretrainingBatches, Vocab, build_examples, prepare_pretraining_data,
+                         resolve_corpus)
+from bertds.data.corpus import HUB_DATASET
+from bertds.data.d2l import paragraph_sentences
 from bertds.data.loader import table_columns
 from bertds.errors import UserError
 
@@ -85,17 +86,17 @@ def test_word_vocabulary_follows_d2l(prepared):
 
 
 def test_same_seed_gives_same_examples_and_another_seed_differs(wikitext_dir):
-    source = CorpusSource.resolve(wikitext_dir)
-    first, _ = build_examples(source, ExampleConfig(seed=3), split="validation")
-    second, _ = build_examples(source, ExampleConfig(seed=3), split="validation")
-    other, _ = build_examples(source, ExampleConfig(seed=4), split="validation")
+    source = resolve_corpus(None, str(wikitext_dir), "validation")
+    first, _ = build_examples(source, ExampleConfig(seed=3))
+    second, _ = build_examples(source, ExampleConfig(seed=3))
+    other, _ = build_examples(source, ExampleConfig(seed=4))
     a, b, c = as_numpy(first), as_numpy(second), as_numpy(other)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert len(a["tokens"]) != len(c["tokens"]) or not np.array_equal(a["tokens"], c["tokens"])
 
 
 def test_second_prepare_reads_the_cache(prepared, wikitext_dir, cache_dir):
-    again = prepare_pretraining_data(CorpusSource.resolve(wikitext_dir), ExampleConfig(max_len=64, seed=0), cache_dir)
+    again = prepare_pretraining_data(resolve_corpus(None, str(wikitext_dir)), ExampleConfig(max_len=64, seed=0), cache_dir)
     assert again.from_cache and again.path == prepared.path
     assert len(again.examples) == len(prepared.examples)
     assert np.array_equal(as_numpy(again.examples)["tokens"], as_numpy(prepared.examples)["tokens"])
@@ -107,9 +108,10 @@ def test_hub_and_local_directory_give_the_same_paragraphs(wikitext_dir, monkeypa
     lines = (wikitext_dir / "wiki.valid.tokens").read_text().splitlines(keepends=True)
     # The hub's wikitext rows: each line with its trailing newline, empty lines as "".
     hub_rows = datasets.Dataset.from_dict({"text": ["" if not line.strip() else line for line in lines]})
-    monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda *a, **k: hub_rows)
-    from_hub = load_paragraphs(CorpusSource(None), "validation")["sentences"]
-    local = load_paragraphs(CorpusSource.resolve(wikitext_dir), "validation")["sentences"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub_rows)
+    monkeypatch.delenv("BERTDS_DATA_DIR", raising=False)
+    from_hub = paragraph_sentences(resolve_corpus(None, None, "validation"))
+    local = paragraph_sentences(resolve_corpus(None, str(wikitext_dir), "validation"))
     assert from_hub == local and len(local) > 1000
 
 
@@ -118,7 +120,7 @@ def test_sentence_and_word_split_is_pythons(tmp_path):
     with other whitespace, overlapping separators, separators at the ends and empty sentences."""
     import pyarrow as pa
 
-    from bertds.data.examples import d2l_paragraphs
+    from bertds.data.d2l import d2l_paragraphs
     lines = ["a . b", " . x . y . ", "a . . b", "a . . . b", "x  .  y", "x .  . y", "x\t.\ty . z", "", "   ",
              "one", ". . .", "a .", ". a", "a . b\r", "Caf\u00e9\u00a0Au . Lait\u3000x", "q\x1cr . s\x01t . u\u2028v",
              "x . \u2003 . y", "\u0085a . b\u0085", "The Crane . the crane . THE", "a.b . c. . .d", "z . \t. w"] * 3
@@ -161,7 +163,7 @@ def decode_pairs(examples, vocab):
 
 
 def test_true_next_pairs_are_adjacent_sentences_of_one_paragraph(tmp_path):
-    examples, vocab = build_examples(CorpusSource.resolve(synthetic_corpus(tmp_path)), ExampleConfig(max_len=16),
+    examples, vocab = build_examples(resolve_corpus(None, str(synthetic_corpus(tmp_path))), ExampleConfig(max_len=16),
                                      min_freq=1)
     pairs, labels = decode_pairs(examples, vocab)
     assert len(pairs) == 40 * 4  # every adjacent pair of every paragraph, none too long
@@ -172,7 +174,7 @@ def test_true_next_pairs_are_adjacent_sentences_of_one_paragraph(tmp_path):
 
 
 def test_over_long_pairs_are_dropped_or_truncated(tmp_path):
-    source = CorpusSource.resolve(synthetic_corpus(tmp_path))
+    source = resolve_corpus(None, str(synthetic_corpus(tmp_path)))
     with pytest.raises(UserError, match="raise --max-len or pass --truncate"):  # 4 + 4 + 3 = 11 > 10
         build_examples(source, ExampleConfig(max_len=10), min_freq=1)
     truncated, vocab = build_examples(source, ExampleConfig(max_len=10, truncate=True), min_freq=1)
@@ -208,33 +210,34 @@ def test_batches_are_fixed_size_and_reshuffled_each_epoch(prepared):
 
 def test_missing_data_dir_names_the_flag(tmp_path):
     with pytest.raises(UserError, match="does not exist; pass --data-dir"):
-        CorpusSource.resolve(tmp_path / "nowhere")
+        resolve_corpus(None, str(tmp_path / "nowhere"))
 
 
 def test_missing_and_empty_files_are_user_errors(tmp_path):
     (tmp_path / "wiki.train.tokens").write_text("")
-    source = CorpusSource.resolve(tmp_path)
     with pytest.raises(UserError, match="is empty"):
-        load_paragraphs(source, "train")
+        resolve_corpus(None, str(tmp_path), "train")
     with pytest.raises(UserError, match="wiki.valid.tokens is missing"):
-        load_paragraphs(source, "validation")
+        resolve_corpus(None, str(tmp_path), "validation")
 
 
 def test_corpus_without_two_sentence_paragraphs_is_a_user_error(tmp_path):
-    source = CorpusSource.resolve(write_corpus(tmp_path, [" = Title = ", "one sentence only", ""]))
+    source = resolve_corpus(None, str(write_corpus(tmp_path, [" = Title = ", "one sentence only", ""])))
     with pytest.raises(UserError, match="no paragraph with two or more sentences"):
-        load_paragraphs(source)
+        paragraph_sentences(source)
+    with pytest.raises(UserError, match="no paragraph with two or more sentences"):
+        build_examples(source, ExampleConfig())
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch, wikitext_dir):
     monkeypatch.setenv("BERTDS_DATA_DIR", str(wikitext_dir))
-    assert CorpusSource.resolve(None).data_dir == wikitext_dir.resolve()
+    assert resolve_corpus(None).files == (wikitext_dir.resolve() / "wiki.train.tokens",)
     monkeypatch.delenv("BERTDS_DATA_DIR")
-    assert CorpusSource.resolve(None).data_dir is None  # the hub
+    assert resolve_corpus(None).hub == HUB_DATASET  # the hub
 
 
 def test_interrupted_cache_build_is_not_used(wikitext_dir, tmp_path):
-    source = CorpusSource.resolve(write_corpus(tmp_path / "c", ["a b . c d . e f", "g h . i j"] * 50))
+    source = resolve_corpus(None, str(write_corpus(tmp_path / "c", ["a b . c d . e f", "g h . i j"] * 50)))
     config = ExampleConfig(max_len=16)
     built = prepare_pretraining_data(source, config, tmp_path / "cache")
     (built.path / "manifest.json").unlink()  # as if the process died before the build completed

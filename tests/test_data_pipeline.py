@@ -12,10 +12,10 @@ from datasets.distributed import split_dataset_by_node
 
 from bertds.data import (DataConfig, ExampleConfig, PretrainingBatches, TokenizerChoice, Vocab, build_examples,
                          prepare_directory, prepare_for_training, resolve_corpus)
-from bertds.data import corpus as corpus_module
-from bertds.data.loader import _MaskingShard, rank_range, table_columns
+from bertds.data.loader import BatchSource, rank_range, table_columns
 from bertds.data.masking import special_positions
-from bertds.data.prepare import _corpus_texts, in_memory_dataset
+from bertds.data.prepare import corpus_texts
+from bertds.data.shards import in_memory_dataset
 from bertds.errors import UserError
 
 REPO_LAUNCHER = __import__("pathlib").Path(__file__).resolve().parents[1] / "launcher" / "prepare_data.py"
@@ -38,7 +38,7 @@ def unmasked(d):
 @pytest.fixture(scope="session")
 def wordpiece(wikitext_dir):
     corpus = resolve_corpus([str(wikitext_dir / "wiki.train.tokens")])
-    return Vocab.train_wordpiece(_corpus_texts(corpus, "[UNK]"), vocab_size=8000)
+    return Vocab.train_wordpiece(corpus_texts(corpus, "[UNK]"), vocab_size=8000)
 
 
 def test_wordpiece_has_the_asked_size_and_berts_special_ids(wordpiece):
@@ -184,21 +184,21 @@ def test_dynamic_masks_change_per_epoch_and_repeat_per_seed(dynamic):
     assert "pred_positions" not in dynamic.examples.column_names and dynamic.masking is not None
     n = len(dynamic.examples)
     shard = PretrainingBatches(dynamic.examples, 8, 0, 1).shard
-    epoch0 = _MaskingShard(shard, 0, dynamic.masking, seed=5)[(0, list(range(n)))]
-    epoch1 = _MaskingShard(shard, 0, dynamic.masking, seed=5)[(1, list(range(n)))]
-    again = _MaskingShard(shard, 0, dynamic.masking, seed=5)[(0, list(range(n)))]
+    epoch0 = BatchSource(shard, 0, dynamic.masking, seed=5)[(0, list(range(n)))]
+    epoch1 = BatchSource(shard, 0, dynamic.masking, seed=5)[(1, list(range(n)))]
+    again = BatchSource(shard, 0, dynamic.masking, seed=5)[(0, list(range(n)))]
     assert (epoch0["pred_positions"] != epoch1["pred_positions"]).any(dim=1).float().mean() > 0.9
     assert all((epoch0[k] == again[k]).all() for k in epoch0)
     weights = epoch0["mlm_weights"]
     assert (weights.sum(dim=1) >= 1).all() and abs(weights.sum() / epoch0["valid_len"].sum() - 0.15) < 0.02
     # A batch of examples masks each example as it would be masked alone: a function of its index only.
-    alone = _MaskingShard(shard, 0, dynamic.masking, seed=5)[(0, [7])]
+    alone = BatchSource(shard, 0, dynamic.masking, seed=5)[(0, [7])]
     assert (alone["tokens"][0] == epoch0["tokens"][7]).all()
 
 
 def test_dynamic_masking_resumes_exactly(dynamic):
     def stream(state=None):
-        batches = PretrainingBatches(dynamic.examples, 16, 0, 1, seed=2)  # the masking spec travels with them
+        batches = PretrainingBatches(dynamic.examples, 16, 0, 1, seed=2, masking=dynamic.masking)
         if state:
             batches.load_state_dict(state)
         return batches, iter(batches)
@@ -266,7 +266,8 @@ def test_wikitext_documents_are_title_sections_and_hub_matches_local(wikitext_di
     assert all(doc.startswith("= ") and not doc.startswith("= =") for doc in documents) and len(documents) > 50
     lines = (wikitext_dir / "wiki.valid.tokens").read_text().splitlines(keepends=True)
     hub_rows = [{"text": "" if not line.strip() else line} for line in lines]
-    monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda *a, **k: iter(hub_rows))
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(hub_rows))
     hub = resolve_corpus(["hub:Salesforce/wikitext:wikitext-2-v1"], split="validation")
     assert hub.wikitext and [r["text"] for r in hub.documents(streaming=True)] == documents
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertds.data import DataConfig, ExampleConfig, build_examples
+from bertds.data import DataConfig, ExampleConfig, build_examples, resolve_corpus
 from bertds.data.loader import table_columns
 from bertds.engine.checkpoint import capture_rng
 from bertds.engine.optim import adapt_optimization, parameter_groups
@@ -109,8 +109,7 @@ def test_mask_prob_sets_the_predicted_share(wikitext_dir):
     assert config.max_predictions == round(64 * 0.3)
     assert ExampleConfig(max_len=128, recipe="bert", mask_prob=0.3).max_predictions == math.ceil(128 * 0.3)
     assert ExampleConfig(max_len=128, recipe="bert").max_predictions == 20
-    from bertds.data import CorpusSource
-    examples, _ = build_examples(CorpusSource.resolve(wikitext_dir), config, split="validation")
+    examples, _ = build_examples(resolve_corpus(None, str(wikitext_dir), "validation"), config)
     columns = examples.with_format("numpy")[:2000]
     expected = np.minimum(np.clip(np.round(columns["valid_len"] * 0.3), 1, config.max_predictions),
                           columns["valid_len"] - 3)

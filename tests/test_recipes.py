@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertds.data import CorpusSource, ExampleConfig, build_examples, resolve_corpus
+from bertds.data import ExampleConfig, build_examples, resolve_corpus
 from bertds.data.loader import table_columns
 from bertds.errors import UserError
 
@@ -42,7 +42,7 @@ def test_d2l_one_sentence_paragraphs_are_counted_and_drawn_but_have_no_pair(tmp_
     # " solo ... . \n" splits in two on ' . '); a line without " . " is no paragraph.
     lines = [f"p{i} a{i % 3} . p{i} b{i % 3} ." for i in range(30)] + ["solo word ."] * 5 + ["skipped line"] * 9
     directory = write_tokens(tmp_path / "d2l", lines)
-    examples, vocab = build_examples(CorpusSource.resolve(directory), ExampleConfig(max_len=16), min_freq=5)
+    examples, vocab = build_examples(resolve_corpus(None, str(directory)), ExampleConfig(max_len=16), min_freq=5)
     assert vocab.tokenizer.token_to_id("solo") is not None  # 5 occurrences, all in one-sentence paragraphs
     assert vocab.tokenizer.token_to_id("skipped") is None  # 9 occurrences outside paragraphs
     pairs = read_pairs(table_columns(examples.data.table), vocab)
@@ -50,7 +50,7 @@ def test_d2l_one_sentence_paragraphs_are_counted_and_drawn_but_have_no_pair(tmp_
     assert all(a[0] != "solo" for a, _, _ in pairs)
 
     many = write_tokens(tmp_path / "pool", lines[:30] * 40 + ["solo word ."] * 1200)
-    examples, vocab = build_examples(CorpusSource.resolve(many), ExampleConfig(max_len=16), min_freq=1)
+    examples, vocab = build_examples(resolve_corpus(None, str(many)), ExampleConfig(max_len=16), min_freq=1)
     negatives = [b for _, b, label in read_pairs(table_columns(examples.data.table), vocab) if label == 0]
     share = np.mean([b == ["solo", "word", "."] for b in negatives])
     assert 0.4 < share < 0.6  # 1200 of the 2400 paragraphs: uniform over paragraphs, as random.choice
@@ -88,7 +88,7 @@ def test_split_valid_is_validation_and_an_unknown_split_is_one_error_line(tmp_pa
     assert len(err) == 1 and err[0].startswith("error: --split dev") and "train, validation" in err[0]
     assert not (tmp_path / "dev").exists()
     with pytest.raises(UserError, match="unknown split"):
-        CorpusSource.resolve(wikitext_dir).file("dev")
+        resolve_corpus(None, str(wikitext_dir), "dev")
 
 
 # --- Google: sentences ------------------------------------------------------------------------------------------

@@ -1,13 +1,26 @@
-from bertds.data.config import DataConfig, add_data_arguments, data_config_from_args
-from bertds.data.corpus import Corpus, CorpusSource, load_lines, load_paragraphs, resolve_corpus
-from bertds.data.examples import ExampleConfig
-from bertds.data.loader import (PreparedData, PretrainingBatches, build_examples, prepare_for_training,
-                                prepare_pretraining_data)
-from bertds.data.masking import MaskingSpec
-from bertds.data.prepare import TokenizerChoice, load_prepared, prepare_directory
-from bertds.data.tokenizer import Vocab
+"""The data package, in the order data flows: ``corpus`` (text) -> ``tokenizer`` -> ``d2l`` / ``bert_examples``
+(the two recipes' pairs) -> ``examples`` (packing) and ``masking`` -> ``shards`` (the prepared-directory format)
+-> ``prepare`` (what to build or reuse: cache, ``--prepared``, ranks) -> ``loader`` (batches); ``config`` holds the
+flags. Names are imported from their modules on first use, so ``import bertds.data`` loads neither ``datasets``
+nor DeepSpeed."""
+import importlib
 
-__all__ = ["Corpus", "CorpusSource", "DataConfig", "ExampleConfig", "MaskingSpec", "PreparedData",
-           "PretrainingBatches", "TokenizerChoice", "Vocab", "add_data_arguments", "build_examples",
-           "data_config_from_args", "load_lines", "load_paragraphs", "load_prepared", "prepare_directory",
-           "prepare_for_training", "prepare_pretraining_data", "resolve_corpus"]
+_EXPORTS = {
+    "DataConfig": "config", "add_data_arguments": "config", "data_config_from_args": "config",
+    "Corpus": "corpus", "resolve_corpus": "corpus",
+    "ExampleConfig": "examples",
+    "MaskingSpec": "masking",
+    "PreparedData": "shards", "load_prepared": "shards",
+    "TokenizerChoice": "prepare", "build_examples": "prepare", "prepare_directory": "prepare",
+    "prepare_for_training": "prepare", "prepare_pretraining_data": "prepare",
+    "PretrainingBatches": "loader",
+    "Vocab": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bertds.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bertds.data.{_EXPORTS[name]}"), name)

@@ -1,77 +1,86 @@
-"""Data options of the pretraining command line, as a typed config."""
+"""Data options of the pretraining command line, as a typed config: each flag's default, type, help and check are
+declared once, here."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from bertds.data.tokenizer import DEFAULT_WORDPIECE_VOCAB
+from bertds.errors import UserError
+from bertds.options import add_options, from_args, option
+
+MIN_MAX_LEN = 5  # <cls> A <sep> B <sep> with at least one token in each segment
+MAX_MAX_LEN = 512
 
 
 @dataclass
 class DataConfig:
-    data_dir: str | None = None  # None: env BERTDS_DATA_DIR, else the Hugging Face hub
-    cache_dir: str | None = None  # None: env BERTDS_CACHE_DIR, else ~/.cache/bertds
-    max_len: int = 64
-    seed: int = 0
-    truncate: bool = False  # False: drop over-long pairs (d2l); True: cut the longer sentence first
-    num_workers: int = 0
-    corpus: list[str] | None = None  # None: WikiText-2 (data_dir); else see bertds.data.corpus.resolve_corpus
-    split: str = "train"
-    prepared: str | None = None  # a directory written by launcher/prepare_data.py
-    streaming: bool = False
-    tokenizer: str = "word"  # "word" (d2l), "wordpiece" (trained), or a vocab.txt / tokenizer.json path
-    vocab_size: int = 30522
-    min_freq: int = 5
-    recipe: str = "d2l"  # "d2l" or "bert" (Google's create_pretraining_data)
-    sentence_task: str = "nsp"  # "nsp", "sop", or "none" (MLM only; the examples are made as for nsp)
-    short_seq_prob: float = 0.1
-    max_predictions: int | None = None  # None: 15% of max_len (d2l); 20 at 128, 80 at 512 (bert)
-    whole_word_masking: bool = False
-    masking: str = "static"  # "static" (fixed at preparation) or "dynamic" (drawn every epoch)
-    dupe_factor: int = 1
-    mask_prob: float = 0.15  # share of each sequence's length predicted
+    data_dir: str | None = option(None, "directory with wiki.{train,valid,test}.tokens; default: env "
+                                        "BERTDS_DATA_DIR, else the Hugging Face hub")
+    cache_dir: str | None = option(None, "prepared-example cache; default: env BERTDS_CACHE_DIR or ~/.cache/bertds")
+    max_len: int = option(64, "tokens per sentence pair, incl. <cls>/<sep>")
+    seed: int = option(0, "data order, masking and initialisation seed")
+    truncate: bool = option(False, "truncate over-long pairs instead of dropping them")
+    num_workers: int = option(0, "data loader worker processes per rank")
+    corpus: list[str] | None = option(None, "wikitext-2, wikitext-103 (-raw), .txt/.jsonl/.parquet files or "
+                                            "directories, or hub:NAME[:CONFIG]; default: WikiText-2")
+    split: str = option("train", "corpus split (WikiText and hub corpora)")
+    prepared: str | None = option(None, "a directory written by launcher/prepare_data.py (skips preparation)")
+    streaming: bool = option(False, "read the corpus lazily (larger than memory); each rank prepares a disjoint part")
+    tokenizer: str = option("word", "word (d2l), wordpiece (trained on the corpus), or a BERT vocab.txt / "
+                                    "tokenizer.json path")
+    vocab_size: int = option(DEFAULT_WORDPIECE_VOCAB, "WordPiece vocabulary size")
+    min_freq: int = option(5, "word vocabulary: minimum word count")
+    recipe: str = option("d2l", "example creation: d2l (sentence pairs of paragraphs) or bert (Google's: "
+                                "documents, segments filled to max_len)", choices=["d2l", "bert"])
+    sentence_task: str = option("nsp", "next sentence (nsp) or sentence order (sop, ALBERT) prediction, sop needs "
+                                       "--recipe bert; none: MLM only (RoBERTa), no sentence loss",
+                                choices=["nsp", "sop", "none"])
+    short_seq_prob: float = option(0.1, "bert recipe: share of shorter targets")
+    max_predictions: int | None = option(None, "MLM slots per example; default 15%% of max_len (d2l), 20 at 128 / "
+                                               "80 at 512 (bert)")
+    whole_word_masking: bool = option(False, "mask all pieces of a word together")
+    masking: str = option("static", "static: masks fixed at preparation; dynamic: drawn every epoch (RoBERTa)",
+                          choices=["static", "dynamic"])
+    dupe_factor: int = option(1, "static masking: copies with different masks")
+    mask_prob: float = option(0.15, "share of each sequence's tokens predicted (MosaicBERT: 0.30); evaluation "
+                                    "stays at 0.15")
+
+    def __post_init__(self) -> None:
+        if not MIN_MAX_LEN <= self.max_len <= MAX_MAX_LEN:
+            raise UserError(f"--max-len {self.max_len}: must be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B "
+                            f"<sep> needs {MIN_MAX_LEN} tokens to keep one in each segment)")
+        if not 0 < self.mask_prob < 1:
+            raise UserError(f"--mask-prob {self.mask_prob}: the share of tokens predicted must be between 0 and 1")
+        if not 0 <= self.short_seq_prob <= 1:
+            raise UserError(f"--short-seq-prob {self.short_seq_prob}: must be between 0 and 1")
+        minimums = {"num_workers": 0, "dupe_factor": 1, "min_freq": 0, "max_predictions": 1}
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be {minimum} or more")
+        if self.cache_dir is not None and not self.prepared:
+            check_writable_dir(Path(self.cache_dir).expanduser(), "--cache-dir")
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """``path`` is a directory this process can write into, or can be created (checked before any work)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a directory; pass a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable (read-only file system or permissions); pass "
+                        "a writable directory")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", help="directory with wiki.{train,valid,test}.tokens; default: env "
-                                          "BERTDS_DATA_DIR, else the Hugging Face hub")
-    group.add_argument("--cache-dir", help="prepared-example cache; default: env BERTDS_CACHE_DIR or ~/.cache/bertds")
-    group.add_argument("--max-len", type=int, default=64, help="tokens per sentence pair, incl. <cls>/<sep>")
-    group.add_argument("--seed", type=int, default=0, help="data order, masking and initialisation seed")
-    group.add_argument("--truncate", action="store_true", help="truncate over-long pairs instead of dropping them")
-    group.add_argument("--num-workers", type=int, default=0, help="data loader worker processes per rank")
-    group.add_argument("--corpus", nargs="+", help="wikitext-2, wikitext-103 (-raw), .txt/.jsonl/.parquet files "
-                                                  "or directories, or hub:NAME[:CONFIG]; default: WikiText-2")
-    group.add_argument("--split", default="train", help="corpus split (WikiText and hub corpora)")
-    group.add_argument("--prepared", help="a directory written by launcher/prepare_data.py (skips preparation)")
-    group.add_argument("--streaming", action="store_true", help="read the corpus lazily (larger than memory); "
-                                                                "each rank prepares a disjoint part")
-    group.add_argument("--tokenizer", default="word", help="word (d2l), wordpiece (trained on the corpus), or a "
-                                                          "BERT vocab.txt / tokenizer.json path")
-    group.add_argument("--vocab-size", type=int, default=30522, help="WordPiece vocabulary size")
-    group.add_argument("--min-freq", type=int, default=5, help="word vocabulary: minimum word count")
-    group.add_argument("--recipe", default="d2l", choices=["d2l", "bert"],
-                       help="example creation: d2l (sentence pairs of paragraphs) or bert (Google's: documents, "
-                            "segments filled to max_len)")
-    group.add_argument("--sentence-task", default="nsp", choices=["nsp", "sop", "none"],
-                       help="next sentence (nsp) or sentence order (sop, ALBERT) prediction, sop needs --recipe "
-                            "bert; none: MLM only (RoBERTa), no sentence loss")
-    group.add_argument("--short-seq-prob", type=float, default=0.1, help="bert recipe: share of shorter targets")
-    group.add_argument("--max-predictions", type=int, help="MLM slots per example; default 15%% of max_len "
-                                                           "(d2l), 20 at 128 / 80 at 512 (bert)")
-    group.add_argument("--whole-word-masking", action="store_true", help="mask all pieces of a word together")
-    group.add_argument("--masking", default="static", choices=["static", "dynamic"],
-                       help="static: masks fixed at preparation; dynamic: drawn every epoch (RoBERTa)")
-    group.add_argument("--dupe-factor", type=int, default=1, help="static masking: copies with different masks")
-    group.add_argument("--mask-prob", type=float, default=0.15,
-                       help="share of each sequence's tokens predicted (MosaicBERT: 0.30); evaluation stays at 0.15")
+    add_options(parser.add_argument_group("data"), DataConfig)
     return parser
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(data_dir=args.data_dir, cache_dir=args.cache_dir, max_len=args.max_len, seed=args.seed,
-                      truncate=args.truncate, num_workers=args.num_workers, corpus=args.corpus, split=args.split,
-                      prepared=args.prepared, streaming=args.streaming, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, min_freq=args.min_freq, recipe=args.recipe,
-                      sentence_task=args.sentence_task, short_seq_prob=args.short_seq_prob,
-                      max_predictions=args.max_predictions, whole_word_masking=args.whole_word_masking,
-                      masking=args.masking, dupe_factor=args.dupe_factor, mask_prob=args.mask_prob)
+    return from_args(DataConfig, args)

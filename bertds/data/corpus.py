@@ -1,6 +1,6 @@
-"""Corpora: WikiText-2 lines from a local directory or the Hugging Face hub with d2l's paragraph/sentence split
-(the default), and, for the original-BERT recipe, documents from WikiText-2/103 (tokens or raw), local ``.txt`` /
-``.jsonl`` / ``.parquet`` files or a hub dataset, read whole or streamed.
+"""Corpora: WikiText-2/103 (tokens or raw, from a local directory or the Hugging Face hub), local ``.txt`` /
+``.jsonl`` / ``.parquet`` files or a hub dataset, read as lines (the d2l recipe, split in ``d2l.py``) or as
+documents (the original-BERT recipe), whole or streamed.
 
 A document is the text of one article: in WikiText the lines between two ``" = Title = "`` lines, in other text
 files the lines between blank lines (Google's BERT input format), in ``.jsonl`` / ``.parquet`` / hub datasets the
@@ -14,14 +14,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bertds.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_DIR_ENV = "BERTDS_DATA_DIR"
 WIKITEXT_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
@@ -37,66 +40,27 @@ def wikitext_split(split: str) -> str:
     return split
 
 
-@dataclass(frozen=True)
-class CorpusSource:
-    """Where the WikiText-2 text comes from: a local directory, or the hub when ``data_dir`` is None."""
-
-    data_dir: Path | None
-
-    @classmethod
-    def resolve(cls, data_dir: str | os.PathLike | None) -> "CorpusSource":
-        """``--data-dir`` if given, else env BERTDS_DATA_DIR, else the hub."""
-        chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
-        if chosen is None:
-            return cls(None)
-        path = Path(chosen).expanduser().resolve()
-        if not path.is_dir():
-            raise UserError(f"data directory {path} does not exist; pass --data-dir (or set {DATA_DIR_ENV}) "
-                            f"to a directory holding {', '.join(WIKITEXT_FILES.values())}")
-        return cls(path)
-
-    def file(self, split: str) -> Path:
-        assert self.data_dir is not None
-        path = self.data_dir / WIKITEXT_FILES[wikitext_split(split)]
-        if not path.is_file():
-            raise UserError(f"{path} is missing; the data directory must hold the WikiText-2 files "
-                            f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)")
-        if path.stat().st_size == 0:
-            raise UserError(f"{path} is empty; point --data-dir at a directory with the WikiText-2 text")
-        return path
-
-    def fingerprint(self, split: str) -> str:
-        """Identifies the text of a split, for the on-disk cache of prepared examples."""
-        if self.data_dir is None:
-            return "hub:" + "/".join(HUB_DATASET) + ":" + split
-        return hashlib.sha256(self.file(split).read_bytes()).hexdigest()
-
-    def describe(self) -> str:
-        return str(self.data_dir) if self.data_dir else "hub " + "/".join(HUB_DATASET)
+def wikitext_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The WikiText directory: ``--data-dir`` if given, else env BERTDS_DATA_DIR, else None (the hub)."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"data directory {path} does not exist; pass --data-dir (or set {DATA_DIR_ENV}) "
+                        f"to a directory holding {', '.join(WIKITEXT_FILES.values())}")
+    return path
 
 
-def load_lines(source: CorpusSource, split: str = "train") -> datasets.Dataset:
-    """One row per line of the split, column ``text``."""
-    if source.data_dir is None:
-        return datasets.load_dataset(*HUB_DATASET, split=wikitext_split(split))
-    return datasets.Dataset.from_dict({"text": source.file(split).read_text(encoding="utf-8").splitlines()})
-
-
-def _split_paragraphs(batch: dict) -> dict:
-    return {"sentences": [line.strip().lower().split(" . ") for line in batch["text"]
-                          if len(line.split(" . ")) >= 2]}
-
-
-def load_paragraphs(source: CorpusSource, split: str = "train") -> datasets.Dataset:
-    """d2l's ``_read_wiki``: the lines holding a ' . ' (tested before stripping, so a one-sentence line ending in
-    " . " is kept), stripped, lower-cased and split into sentences on ' . ', column ``sentences``."""
-    lines = load_lines(source, split)
-    paragraphs = lines.map(_split_paragraphs, batched=True, remove_columns=lines.column_names,
-                           keep_in_memory=True)
-    if len(paragraphs) == 0:
-        raise UserError(f"the {split} split of {source.describe()} has no paragraph with two or more sentences "
-                        "(sentences are separated by ' . '); check that it is WikiText-2 text")
-    return paragraphs
+def wikitext_file(directory: Path, split: str) -> Path:
+    """The WikiText-2 file of ``split`` in ``directory``, which must exist and hold text."""
+    path = directory / WIKITEXT_FILES[wikitext_split(split)]
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the data directory must hold the WikiText-2 files "
+                        f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; point --data-dir at a directory with the WikiText-2 text")
+    return path
 
 
 # --- documents, for the original-BERT recipe ---------------------------------------------------------------------
@@ -136,6 +100,7 @@ class Corpus:
     def documents(self, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
         """One row per document (column ``text``), in corpus order. Streaming reads lazily, one shard per file,
         so ``split_dataset_by_node`` gives each rank whole files (or every world_size-th document)."""
+        import datasets
         kwargs = {"sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
                   "split": self.split, "wikitext": self.wikitext}
         if streaming:
@@ -145,6 +110,7 @@ class Corpus:
     def lines(self) -> pa.Array:
         """All lines (WikiText) or paragraphs of the corpus, as one Arrow string array, for the d2l recipe."""
         if self.hub is not None:
+            import datasets
             return pa.array(datasets.load_dataset(*self.hub, split=self.split)["text"], type=pa.large_string())
         parts = []
         for path in self.files:
@@ -178,10 +144,10 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
         names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]
     split = split if other_hub else wikitext_split(split)
     if not names:
-        source = CorpusSource.resolve(data_dir)
-        if source.data_dir is None:
+        directory = wikitext_dir(data_dir)
+        if directory is None:
             return Corpus(hub=HUB_DATASET, split=split, wikitext=True, tokenized=True)
-        return Corpus(files=(source.file(split),), split=split, wikitext=True, tokenized=True)
+        return Corpus(files=(wikitext_file(directory, split),), split=split, wikitext=True, tokenized=True)
     if len(names) == 1 and names[0] in WIKITEXT_NAMES:
         config, kind = WIKITEXT_NAMES[names[0]]
         chosen = data_dir or os.environ.get(DATA_DIR_ENV)
@@ -202,8 +168,8 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
         path = Path(name).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
-            wikitext_file = path / WIKITEXT_FILES[split]
-            files += [wikitext_file] if wikitext_file.is_file() else found
+            split_file = path / WIKITEXT_FILES[split]
+            files += [split_file] if split_file.is_file() else found
             if not found:
                 raise UserError(f"corpus directory {path} holds no {'/'.join(FILE_SUFFIXES)} files")
         elif path.is_file():
@@ -240,6 +206,7 @@ def _group_lines(lines, wikitext: bool):
 def _documents(sources: list, split: str, wikitext: bool):
     for source in sources:
         if isinstance(source, (tuple, list)):  # a hub dataset
+            import datasets
             rows = datasets.load_dataset(source[0], source[1], split=split, streaming=True)
             if wikitext:
                 yield from _group_lines((row["text"] for row in rows), wikitext=True)

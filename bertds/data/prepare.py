@@ -1,8 +1,10 @@
-"""Prepare once, train many: corpus -> tokenizer -> examples, written as Arrow shards plus a manifest.
+"""Prepare once, train many: corpus -> tokenizer -> examples, written as a prepared directory (``shards.py``), and
+every decision about preparing or reusing one: ``launcher/prepare_data.py``'s ``--out``, training's ``--prepared``,
+and the cache keyed by corpus and recipe, prepared by one process or, streaming, by every rank.
 
-A prepared directory holds ``manifest.json`` (corpus, tokenizer hash, max_len, seed, recipe, example counts),
-``tokenizer.json`` and ``shards/*.arrow``; training memory-maps the shards. It is written to a temporary directory
-and renamed when complete, so an interrupted preparation is never taken for a valid one.
+A directory is written to ``NAME.tmp-PID`` and renamed when complete, so an interrupted preparation is never taken
+for a valid one; those of dead processes are removed. A damaged cache entry is prepared again, a damaged
+``--prepared`` or ``--out`` directory refused.
 """
 from __future__ import annotations
 
@@ -10,35 +12,40 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.distributed import split_dataset_by_node
-from datasets.fingerprint import generate_random_fingerprint
 
 from bertds.data.bert_examples import DocumentPool, TokenizedChunk, bert_examples, chunk_sentences
-from bertds.data.corpus import Corpus, CorpusSource, resolve_corpus
-from bertds.data.examples import ExampleConfig, d2l_examples, d2l_paragraphs
-from bertds.data.masking import MaskingSpec
-from bertds.data.tokenizer import (D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab,
-                                   describe_vocab, tokenizer_recipe)
+from bertds.data.config import MAX_MAX_LEN, MIN_MAX_LEN, DataConfig
+from bertds.data.corpus import Corpus, resolve_corpus
+from bertds.data.d2l import corpus_paragraphs, d2l_examples
+from bertds.data.examples import ExampleConfig
+from bertds.data.shards import (FORMAT_VERSION, MANIFEST, SHARDS, DamagedData, PreparedData, in_memory_dataset,
+                                load_prepared, seal, write_shards)
+from bertds.data.tokenizer import D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab, tokenizer_recipe
 from bertds.errors import UserError
 
-FORMAT_VERSION = 4  # bump when the example semantics or the layout change, so stale caches are not reused
-MANIFEST = "manifest.json"
-SHARDS = "shards"
+if TYPE_CHECKING:
+    import datasets
+
+CACHE_DIR_ENV = "BERTDS_CACHE_DIR"
 DOCUMENTS_PER_CHUNK = 256  # documents whose examples are made together
 # Streaming: random next segments of chunk k come from chunks k - REACH .. k + REACH (33 chunks, 8,448 documents,
 # held as token ids); read whole, from all documents.
 STREAMING_RANDOM_DOCUMENT_REACH = 16
-ROWS_PER_SHARD = 1 << 17
-DYNAMIC_MASKING_ATTR = "bertds_dynamic_masking"  # attribute of PreparedData.examples read by PretrainingBatches
+TMP_MARK = ".tmp-"
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "bertds"))
 
 
 @dataclass(frozen=True)
@@ -51,63 +58,7 @@ class TokenizerChoice:
         return tokenizer_recipe(self.spec, self.vocab_size, self.min_freq)
 
 
-@dataclass
-class PreparedData:
-    examples: datasets.Dataset
-    vocab: Vocab
-    path: Path
-    from_cache: bool
-    masking: MaskingSpec | None = None  # set when the collator draws the masks (dynamic masking)
-    manifest: dict | None = None
-
-
-def example_features(config: ExampleConfig) -> datasets.Features:
-    seq = datasets.Sequence(datasets.Value("int32"), length=config.max_len)
-    features = {"tokens": seq, "segments": datasets.Sequence(datasets.Value("int8"), length=config.max_len),
-                "valid_len": datasets.Value("int32"), "nsp_label": datasets.Value("int8")}
-    if not config.dynamic_masking:
-        preds = datasets.Sequence(datasets.Value("int32"), length=config.max_predictions)
-        features.update(pred_positions=preds, mlm_labels=preds,
-                        mlm_weights=datasets.Sequence(datasets.Value("float32"), length=config.max_predictions))
-    return datasets.Features(features)
-
-
-def to_table(columns: dict[str, np.ndarray], features: datasets.Features) -> pa.Table:
-    arrays = []
-    for name in features:
-        values = columns[name]
-        if values.ndim == 2:
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]))
-        else:
-            arrays.append(pa.array(values))
-    return pa.Table.from_arrays(arrays, schema=features.arrow_schema)
-
-
-def in_memory_dataset(columns: dict[str, np.ndarray], config: ExampleConfig) -> datasets.Dataset:
-    # A random fingerprint, as datasets gives in-memory results: its default hashes every byte of the table.
-    return datasets.Dataset(datasets.table.InMemoryTable(to_table(columns, example_features(config))),
-                            fingerprint=generate_random_fingerprint())
-
-
-def _write_shards(directory: Path, prefix: str, columns: dict[str, np.ndarray], config: ExampleConfig) -> int:
-    """Writes the rows as Arrow stream files of at most ROWS_PER_SHARD rows; returns the row count."""
-    features = example_features(config)
-    total = len(columns["tokens"])
-    for part, begin in enumerate(range(0, total, ROWS_PER_SHARD)):
-        table = to_table({k: v[begin:begin + ROWS_PER_SHARD] for k, v in columns.items()}, features)
-        with pa.OSFile(str(directory / f"{prefix}-{part:03d}.arrow"), "wb") as sink, \
-                pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-    return total
-
-
-def _as_corpus(source: Corpus | CorpusSource, split: str) -> Corpus:
-    if isinstance(source, Corpus):
-        return source
-    return resolve_corpus(None, str(source.data_dir) if source.data_dir else None, split)
-
-
-def _corpus_texts(corpus: Corpus, vocab_unk: str | None = None) -> Iterator[str]:
+def corpus_texts(corpus: Corpus, vocab_unk: str | None = None) -> Iterator[str]:
     """Documents' text for tokenizer training; WikiText's "<unk>" becomes the tokenizer's own unknown token."""
     for row in corpus.documents(streaming=True):
         text = row["text"]
@@ -124,9 +75,10 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
     if cached is not None and (cached / "tokenizer.json").is_file():
         return Vocab.load(cached)
     unk = "[UNK]" if choice.spec == "wordpiece" else None
-    vocab = build_vocab(choice.spec, _corpus_texts(corpus, unk), choice.vocab_size, choice.min_freq)
+    vocab = build_vocab(choice.spec, corpus_texts(corpus, unk), choice.vocab_size, choice.min_freq)
     if cached is not None:
-        tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+        remove_stale_tmp(cached.parent)
+        tmp = cached.with_name(f"{cached.name}{TMP_MARK}{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         vocab.save(tmp)
         try:
@@ -136,7 +88,7 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
     return vocab
 
 
-def _check_recipe(config: ExampleConfig, streaming: bool) -> None:
+def check_recipe(config: ExampleConfig, streaming: bool) -> None:
     if config.recipe not in ("d2l", "bert"):
         raise UserError(f"--recipe {config.recipe}: use d2l or bert")
     if config.sentence_task not in ("nsp", "sop"):
@@ -149,18 +101,16 @@ def _check_recipe(config: ExampleConfig, streaming: bool) -> None:
                         "the masks change every epoch anyway, leave --dupe-factor at 1")
     if not 0 < config.mask_prob < 1:
         raise UserError(f"--mask-prob {config.mask_prob}: the share of tokens predicted must be between 0 and 1")
-    if not 3 < config.max_len <= 512 or config.max_predictions < 1:
+    if not MIN_MAX_LEN <= config.max_len <= MAX_MAX_LEN or config.max_predictions < 1:
         raise UserError(f"--max-len {config.max_len} / --max-predictions {config.max_predictions}: max_len must "
-                        "be in 4..512 and max_predictions at least 1")
+                        f"be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B <sep> with a token in each segment) "
+                        "and max_predictions at least 1")
 
 
 def d2l_columns(corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice, config: ExampleConfig,
                 cache_dir: Path | None) -> tuple[dict[str, np.ndarray], Vocab]:
     """d2l's recipe on the whole corpus in memory."""
-    paragraphs = d2l_paragraphs(corpus.lines())
-    if not (paragraphs.paragraph_size >= 2).any():
-        raise UserError(f"{corpus.describe()} has no paragraph with two or more sentences (sentences are "
-                        "separated by ' . '); check that it is WikiText-style text")
+    paragraphs = corpus_paragraphs(corpus)
     if vocab is None:
         vocab = Vocab.from_word_counts(paragraphs.word_counts(), choice.min_freq) if choice.spec == "word" \
             else obtain_vocab(corpus, choice, cache_dir)
@@ -196,6 +146,7 @@ def bert_chunks(corpus: Corpus, vocab: Vocab, config: ExampleConfig, streaming: 
     (read whole) or from the chunks within STREAMING_RANDOM_DOCUMENT_REACH (streaming)."""
     documents = corpus.documents(streaming=streaming)
     if world_size > 1:
+        from datasets.distributed import split_dataset_by_node
         documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
     texts = (row["text"] for row in documents)
     chunks = (chunk_sentences(chunk, vocab, corpus.wikitext, corpus.tokenized)
@@ -209,16 +160,16 @@ def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice:
                    config: ExampleConfig, streaming: bool, cache_dir: Path | None, rank: int = 0,
                    world_size: int = 1) -> tuple[int, Vocab]:
     """This rank's examples as shards under ``directory/shards``; returns (examples written, vocab)."""
-    _check_recipe(config, streaming)
+    check_recipe(config, streaming)
     shards = directory / SHARDS
     shards.mkdir(parents=True, exist_ok=True)
     if config.recipe == "d2l":
         columns, vocab = d2l_columns(corpus, vocab, choice, config, cache_dir)
-        return _write_shards(shards, "examples-r00-c00000", columns, config), vocab
+        return write_shards(shards, "examples-r00-c00000", columns, config), vocab
     vocab = vocab or obtain_vocab(corpus, choice, cache_dir)
     total = 0
     for index, columns in enumerate(bert_chunks(corpus, vocab, config, streaming, rank, world_size)):
-        total += _write_shards(shards, f"examples-r{rank:02d}-c{index:05d}", columns, config)
+        total += write_shards(shards, f"examples-r{rank:02d}-c{index:05d}", columns, config)
     return total, vocab
 
 
@@ -230,20 +181,14 @@ def recipe_of(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig) ->
 
 def finish(tmp: Path, path: Path, corpus: Corpus, vocab: Vocab, config: ExampleConfig, recipe: dict,
            streaming: bool) -> None:
-    """Counts the shards, writes tokenizer and manifest, renames tmp -> path (the directory becomes valid)."""
-    files = sorted((tmp / SHARDS).glob("*.arrow"))
-    counts = {f.name: pa.ipc.open_stream(pa.memory_map(str(f))).read_all().num_rows for f in files}
-    total = sum(counts.values())
-    if total == 0:
+    """Seals the shards in tmp (tokenizer, manifest) and renames tmp -> path (the directory becomes valid)."""
+    fields = {**recipe, "source": corpus.describe(), "streaming": streaming,
+              "masking": "dynamic" if config.dynamic_masking else "static"}
+    if seal(tmp, vocab, fields) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{corpus.describe()} gave no pretraining example (no document with text, or no pair "
                         f"fits in max_len {config.max_len}); use a larger corpus, raise --max-len or pass "
                         "--truncate")
-    vocab.save(tmp)
-    manifest = {**recipe, "source": corpus.describe(), "streaming": streaming, "num_examples": total,
-                "shards": counts, "tokenizer_info": describe_vocab(vocab), "vocab_size": len(vocab),
-                "masking": "dynamic" if config.dynamic_masking else "static"}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if path.exists() and not (path / MANIFEST).is_file():
         shutil.rmtree(path)  # an incomplete directory (no manifest): never valid, safe to replace
     try:
@@ -252,35 +197,50 @@ def finish(tmp: Path, path: Path, corpus: Corpus, vocab: Vocab, config: ExampleC
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_prepared(path: str | Path, from_cache: bool = True) -> PreparedData:
-    """Memory-maps a prepared directory's shards."""
-    path = Path(path)
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path, name: str = "") -> None:
+    """Removes ``NAME.tmp-PID`` directories (any NAME when ``name`` is empty) whose process has died."""
+    if not directory.is_dir():
+        return
+    for tmp in directory.glob(f"{name or '*'}{TMP_MARK}*"):
+        pid = tmp.name.rpartition(TMP_MARK)[2]
+        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reusable(path: Path, rebuild_damaged: bool) -> PreparedData | None:
+    """The complete directory at ``path``, or None when there is none (a damaged one is removed when
+    ``rebuild_damaged``, else refused)."""
     if not (path / MANIFEST).is_file():
-        raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); write one with "
-                        "launcher/prepare_data.py")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path} was prepared by another bertds version (format {manifest.get('version')}, "
-                        f"now {FORMAT_VERSION}); prepare it again")
-    vocab = Vocab.load(path)
-    if vocab.fingerprint() != manifest["tokenizer_info"]["fingerprint"]:
-        raise UserError(f"{path}/tokenizer.json is not the tokenizer its examples were made with; prepare the "
-                        "data again")
-    shards = [datasets.Dataset.from_file(str(path / SHARDS / name)) for name in manifest["shards"]]
-    examples = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
-    config_fields = {k: manifest[k] for k in ExampleConfig.__dataclass_fields__ if k in manifest}
-    masking = ExampleConfig(**config_fields).masking(vocab) if manifest["masking"] == "dynamic" else None
-    # The engine hands PretrainingBatches only the examples, so the masking spec travels with them.
-    setattr(examples, DYNAMIC_MASKING_ATTR, masking)
-    return PreparedData(examples, vocab, path, from_cache, masking, manifest)
+        return None
+    try:
+        return load_prepared(path, from_cache=True)
+    except DamagedData as e:
+        if not rebuild_damaged:
+            raise
+        print(f"warning: {e}: preparing it again", file=sys.stderr)
+        shutil.rmtree(path)
+        return None
 
 
 def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path,
-                      streaming: bool = False, cache_dir: Path | None = None) -> PreparedData:
+                      streaming: bool = False, cache_dir: Path | None = None,
+                      rebuild_damaged: bool = False) -> PreparedData:
     """One process prepares ``corpus`` into ``path`` (reused if a complete one is already there)."""
-    if (path / MANIFEST).is_file():
-        return load_prepared(path, from_cache=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    remove_stale_tmp(path.parent, "" if rebuild_damaged else path.name)
+    found = reusable(path, rebuild_damaged)
+    if found is not None:
+        return found
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _, vocab = write_examples(tmp, corpus, None, choice, config, streaming, cache_dir)
@@ -295,3 +255,141 @@ def cache_path(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, c
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     name = (corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]) or "corpus"
     return cache_dir / f"{name}-{corpus.split}-{config.recipe}-len{config.max_len}-{key}"
+
+
+# --- entry points ------------------------------------------------------------------------------------------------
+
+def build_examples(corpus: Corpus, config: ExampleConfig, min_freq: int = 5, tokenizer: str = "word",
+                   vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
+                   streaming: bool = False) -> tuple[datasets.Dataset, Vocab]:
+    """Corpus -> vocabulary -> token ids -> examples, all in memory (no cache)."""
+    choice = TokenizerChoice(tokenizer, vocab_size, min_freq)
+    if config.recipe == "d2l":
+        columns, vocab = d2l_columns(corpus, None, choice, config, None)
+        parts = [columns]
+    else:
+        check_recipe(config, streaming)
+        vocab = obtain_vocab(corpus, choice, None)
+        parts = list(bert_chunks(corpus, vocab, config, streaming))
+    if sum(len(part["tokens"]) for part in parts) == 0:
+        raise UserError(f"no sentence pair of {corpus.describe()} fits in max_len {config.max_len}; "
+                        "raise --max-len or pass --truncate")
+    columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return in_memory_dataset(columns, config), vocab
+
+
+def prepare_pretraining_data(corpus: Corpus, config: ExampleConfig, cache_dir: str | Path | None = None,
+                             min_freq: int = 5, tokenizer: str = "word", vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
+                             streaming: bool = False) -> PreparedData:
+    """The examples from the cache when present (and intact), else prepared into it (one process)."""
+    choice = TokenizerChoice(tokenizer, vocab_size, min_freq)
+    cache = Path(cache_dir or default_cache_dir())
+    return prepare_directory(corpus, choice, config, cache_path(corpus, choice, config, cache), streaming, cache,
+                             rebuild_damaged=True)
+
+
+def example_config(config: DataConfig) -> ExampleConfig:
+    # --sentence-task none trains without the sentence loss on the same examples as nsp.
+    sentence_task = "nsp" if config.sentence_task == "none" else config.sentence_task
+    return ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate, recipe=config.recipe,
+                         sentence_task=sentence_task, short_seq_prob=config.short_seq_prob,
+                         max_predictions_per_seq=config.max_predictions, whole_word_masking=config.whole_word_masking,
+                         dynamic_masking=config.masking == "dynamic", dupe_factor=config.dupe_factor,
+                         mask_prob=config.mask_prob)
+
+
+def check_prepared_matches(data: PreparedData, config: DataConfig) -> None:
+    """A prepared directory fixes the tokenizer and max_len; flags asking for others are refused."""
+    manifest = data.manifest or {}
+    if manifest.get("max_len") != config.max_len:
+        raise UserError(f"--prepared {data.path} holds max_len {manifest.get('max_len')} examples, not --max-len "
+                        f"{config.max_len}; pass --max-len {manifest.get('max_len')} or prepare the data again")
+    if config.tokenizer not in ("word", "wordpiece"):
+        wanted = Vocab.from_file(config.tokenizer)
+        if wanted.fingerprint() != data.vocab.fingerprint():
+            raise UserError(f"--prepared {data.path} was tokenized with another tokenizer than --tokenizer "
+                            f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
+    elif config.tokenizer != "word" and manifest.get("tokenizer", {}).get("kind") != config.tokenizer:
+        raise UserError(f"--prepared {data.path} was tokenized with {manifest.get('tokenizer')}, not --tokenizer "
+                        f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
+
+
+def on_rank0(work: Callable[[], T], rank: int) -> T:
+    """``work()`` on rank 0, its result on every rank; a UserError there is raised on every rank (the others
+    would otherwise wait for rank 0 forever)."""
+    import torch.distributed as dist
+
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except UserError as e:
+            error = e
+    if dist.is_initialized():
+        box = [(result, None if error is None else str(error))]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if message is not None and error is None:
+            raise UserError(message)
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def prepare_ranks(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path, cache: Path,
+                  rank: int, world_size: int) -> bool:
+    """Every rank prepares its disjoint part (world_size-th of the documents) of a streamed corpus into one
+    directory; True when it was prepared now, False when a complete one was there."""
+    import torch.distributed as dist
+
+    if on_rank0(lambda: reusable(path, rebuild_damaged=True) is not None, rank):
+        return False
+
+    def cache_vocab() -> None:
+        obtain_vocab(corpus, choice, cache)
+
+    on_rank0(cache_vocab, rank)  # rank 0 trains the tokenizer into the cache, the others then read it
+    vocab = obtain_vocab(corpus, choice, cache)
+    owner = on_rank0(os.getpid, rank)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{owner}")
+    write_examples(tmp, corpus, vocab, choice, config, True, cache, rank, world_size)
+    dist.barrier()
+
+    def seal_all() -> bool:
+        try:
+            finish(tmp, path, corpus, vocab, config, recipe_of(corpus, choice, config), True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
+
+    return on_rank0(seal_all, rank)
+
+
+def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
+    """``--prepared`` checked against the flags; else rank 0 builds the cache entry (if missing or damaged) while
+    the other ranks wait, and every rank memory-maps it. With ``--streaming`` every rank prepares its own disjoint
+    part of the corpus into one shared directory. ``from_cache`` says whether the entry was there before."""
+    import torch.distributed as dist
+
+    if config.prepared:
+        data = load_prepared(config.prepared)
+        check_prepared_matches(data, config)
+        return data
+    corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
+    choice = TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq)
+    examples = example_config(config)
+    cache = Path(config.cache_dir or default_cache_dir())
+    path = cache_path(corpus, choice, examples, cache)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if config.streaming and world_size > 1:
+        built = prepare_ranks(corpus, choice, examples, path, cache, rank, world_size)
+        return load_prepared(path, from_cache=not built)
+    prepared: list[PreparedData] = []
+
+    def build() -> bool:
+        prepared.append(prepare_directory(corpus, choice, examples, path, config.streaming, cache,
+                                          rebuild_damaged=True))
+        return not prepared[0].from_cache
+
+    built = on_rank0(build, rank)
+    return prepared[0] if prepared else load_prepared(path, from_cache=not built)

@@ -360,7 +360,7 @@ def train(cfg: TrainConfig) -> RunState:
         engine = build_engine(cfg, model, optimization)
         device = torch.device(get_accelerator().current_device_name())
         batches = PretrainingBatches(data.examples, engine.train_micro_batch_size_per_gpu(), rank, world_size,
-                                     seed=cfg.data.seed, num_workers=cfg.data.num_workers)
+                                     seed=cfg.data.seed, num_workers=cfg.data.num_workers, masking=data.masking)
         state, sums = (restore(checkpoint, engine, batches, device, cfg.trust_checkpoint) if checkpoint
                        else (RunState(), MetricSums(device)))
         if state.step >= cfg.max_steps:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bertds.data.examples import _truncate_pair, pack_pairs
+from bertds.data.examples import pack_pairs, truncate_pair
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 
@@ -188,7 +188,7 @@ class TokenizedPairs(torch.utils.data.Dataset):
         if max_len < 5:
             raise UserError(f"--max-len {max_len} leaves no room for text beside <cls> and two <sep>; use >= 5")
         premises, hypotheses = vocab.encode(pairs.premises), vocab.encode(pairs.hypotheses)
-        self.pairs = [_truncate_pair(p, h, max_len - 3) for p, h in zip(premises, hypotheses)]
+        self.pairs = [truncate_pair(p, h, max_len - 3) for p, h in zip(premises, hypotheses)]
         self.labels = pairs.labels
         self.vocab = vocab
 

@@ -13,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from bertds.data.corpus import CorpusSource, load_paragraphs
+from bertds.data.corpus import resolve_corpus
+from bertds.data.d2l import paragraph_sentences
 from bertds.tasks.nli import LABELS, NO_CONSENSUS, SYNTHETIC_MARKER
 
 WIKITEXT_SPLITS = {"train": "train", "dev": "valid", "test": "test"}
@@ -50,12 +51,12 @@ def write_synthetic_snli(wikitext_dir: str | Path, out_dir: str | Path, sizes: d
                          seed: int = 0) -> Path:
     """Writes ``snli_1.0_{split}.jsonl`` for each split in ``sizes`` (train/dev/test, from the WikiText-2 split of
     the same role) and the ``SYNTHETIC`` marker; returns ``out_dir``."""
-    source, out_dir = CorpusSource.resolve(wikitext_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SYNTHETIC_MARKER).write_text(__doc__)
     for i, (split, n) in enumerate(sizes.items()):
-        sentences = [s for paragraph in load_paragraphs(source, WIKITEXT_SPLITS[split])["sentences"]
-                     for s in paragraph]
+        corpus = resolve_corpus(None, str(wikitext_dir), WIKITEXT_SPLITS[split])
+        sentences = [s for paragraph in paragraph_sentences(corpus) for s in paragraph]
         rows = synthetic_rows(sentences, n, seed + i)
         (out_dir / f"snli_1.0_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out_dir
