@@ -31,6 +31,7 @@ from bertds.engine.checkpoint import (
     save_training_checkpoint,
 )
 from bertds.engine.config import load_ds_config, resolve_batch_sizes
+from bertds.engine.host_memory import keep_freed_memory
 from bertds.engine.optim import adapt_optimization, parameter_groups
 from bertds.engine.preemption import PreemptionWatcher
 from bertds.engine.runlock import RunLock
@@ -228,6 +229,8 @@ class Pretraining:
 
     def loop(self, watcher: PreemptionWatcher) -> None:
         cfg, state = self.cfg, self.state
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the activations live in host memory: steps reuse it instead of faulting it in
         stream = iter(self.batches)
         progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not self.tracker.active, desc="pretraining",
                         file=sys.stdout)
