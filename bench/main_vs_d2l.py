@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = str(Path(args.data_dir).resolve())
     reference = D2LLoop(d2l, data_dir, batch=BATCH, max_len=MAX_LEN, lr=0.01, steps=args.d2l_steps)
     jobs = [MainJob(str(Path(c).resolve()), args.steps, data_dir, args.log_interval) for c in args.ds_config]
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp: spin, then sleep)")
     print(f"d2l: batch {BATCH}, max_len {MAX_LEN}, Adam lr 0.01, {torch.get_num_threads()} threads, "
-          f"{args.d2l_steps} timed steps per round | main jobs: launcher/pretrain.py default recipe, "
-          f"--max-steps {args.steps}")
+          f"OMP_WAIT_POLICY {policy}, {args.d2l_steps} timed steps per round | main jobs: launcher/pretrain.py default "
+          f"recipe (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}), --max-steps {args.steps}")
     results = compare([reference, *jobs], args.rounds)
     pair_flops = flops_per_pair(reference.vocab_size, BATCH, MAX_LEN, statistics.mean(reference.real_slots))
     summary = report(results, reference.name, pair_flops, args.peak_tflops)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -21,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import deepspeed
-import torch
-from deepspeed.accelerator import get_accelerator
+# As launcher/pretrain.py sets it for the main job, before torch loads OpenMP; every contender runs in this process,
+# so all of them get it (set OMP_WAIT_POLICY to compare another policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import d2l_book  # noqa: E402
@@ -160,7 +165,8 @@ def main_run(cfg: BenchConfig, rounds: int, steps_per_round: int, transformers: 
     batch_list = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(iter(batches), 4)]
     vocab_size, pad_id = len(data.vocab), data.vocab.pad_id
     print(f"model {cfg.model} | max_len {cfg.max_len} | batch {cfg.micro_batch} | {cfg.precision} | {device} | "
-          f"{torch.get_num_threads()} threads | lr {cfg.lr} | batches: bertds' d2l-recipe batches for all")
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} | lr {cfg.lr} | "
+          "batches: bertds' d2l-recipe batches for all")
     check_same_computation(cfg, vocab_size, pad_id, batch_list)
 
     contenders = [d2l_contender(d2l, cfg, vocab_size, pad_id, batch_list[0]),

@@ -9,14 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-import deepspeed
+# Read once, when torch loads its OpenMP runtime: threads that finish their share of a parallel region sleep instead
+# of spinning, so on a shared or oversubscribed CPU they leave the cores to the threads that still have work (a
+# spinning thread holds the core its descheduled partner needs). Set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bertds.data import add_data_arguments, data_config_from_args
-from bertds.engine.train import TrainConfig, main
-from bertds.engine.train_config import CHECKPOINT_FLAGS, TRACKING_FLAGS
-from bertds.errors import EXIT_USER_ERROR, UserError
-from bertds.evaluate import add_eval_arguments, eval_config_from_args
-from bertds.options import add_options, from_args, option_fields
+import deepspeed  # noqa: E402
+
+from bertds.data import add_data_arguments, data_config_from_args  # noqa: E402
+from bertds.engine.train import TrainConfig, main  # noqa: E402
+from bertds.engine.train_config import CHECKPOINT_FLAGS, TRACKING_FLAGS  # noqa: E402
+from bertds.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from bertds.evaluate import add_eval_arguments, eval_config_from_args  # noqa: E402
+from bertds.options import add_options, from_args, option_fields  # noqa: E402
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_cpu.json"
 
