@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 # As launcher/pretrain.py sets it for the main job, before torch loads OpenMP; every contender runs in this process,
-# so all of them get it (set OMP_WAIT_POLICY to compare another policy).
+# so all of them get it, and keep_freed_memory below (set OMP_WAIT_POLICY to compare another policy).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import deepspeed  # noqa: E402
@@ -36,6 +36,7 @@ from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_
 from bench.throughput import (STEPS, BenchConfig, achieved, build_model, check, ds_config, load_batches,  # noqa: E402
                               model_flops, run_cli, split_parameters)
 from bertds.distributed import init_distributed  # noqa: E402
+from bertds.engine.host_memory import keep_freed_memory  # noqa: E402
 from bertds.errors import UserError  # noqa: E402
 from bertds.model import MODEL_PRESETS  # noqa: E402
 
@@ -161,6 +162,8 @@ def main_run(cfg: BenchConfig, rounds: int, steps_per_round: int, transformers: 
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(get_accelerator().current_device_name())
+    if device.type == "cpu":
+        keep_freed_memory()  # as the main job's loop does; for every contender of this process
     data, batches = load_batches(cfg, 0, 1)
     batch_list = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(iter(batches), 4)]
     vocab_size, pad_id = len(data.vocab), data.vocab.pad_id
