@@ -156,15 +156,15 @@ def main_run(cfg: BenchConfig, rounds: int, steps_per_round: int, transformers: 
     _, world_size = init_distributed()
     if world_size != 1:
         raise UserError("vs_reference compares single-process steps; run it with plain python, not a launcher")
-    d2l = d2l_book.import_d2l()
-    if d2l is None:
-        raise UserError("the d2l package is not installed; pip install d2l --no-deps")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(get_accelerator().current_device_name())
     if device.type == "cpu":
         keep_freed_memory()  # as the main job's loop does; for every contender of this process
-    data, batches = load_batches(cfg, 0, 1)
+    data, batches = load_batches(cfg, 0, 1)  # first: `datasets` looks for the real torchvision that d2l's stubs hide
+    d2l = d2l_book.import_d2l()
+    if d2l is None:
+        raise UserError("the d2l package is not installed; pip install d2l --no-deps")
     batch_list = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(iter(batches), 4)]
     vocab_size, pad_id = len(data.vocab), data.vocab.pad_id
     print(f"model {cfg.model} | max_len {cfg.max_len} | batch {cfg.micro_batch} | {cfg.precision} | {device} | "
