@@ -3,8 +3,8 @@
 glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free, so each
 step's large activations (the padded query/key/value grid, the MLM loss chunks) are new pages that the kernel must
 fault in and zero again, on every step; smaller blocks go the same way until glibc's dynamic threshold has grown,
-which slows the first steps of a run. Serving all blocks from the heap and never trimming it makes the steps reuse
-the same memory (a steady footprint of the largest step's peak)."""
+which slows the first steps of a run. Serving all blocks from the heap and never trimming it makes the steps, once
+the first ones have grown the heap to their peak, reuse the same pages (a steady footprint of that peak)."""
 from __future__ import annotations
 
 import ctypes
