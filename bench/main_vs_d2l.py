@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import d2l_book  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
+from bertds.errors import UserError, run_cli  # noqa: E402
 from bertds.model import get_config  # noqa: E402
 
 PAIRS_LINE = re.compile(r"^([\d.]+) sentence pairs/sec", re.M)
@@ -125,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of d2l's loop (the main job: its own)")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
-    try:
-        if not args.data_dir or not (Path(args.data_dir) / "wiki.train.tokens").is_file():
-            raise UserError(f"--data-dir {args.data_dir}: no wiki.train.tokens there; pass the WikiText-2 directory")
-        if min(args.rounds, args.steps, args.d2l_steps) < 1:
-            raise UserError("--rounds, --steps and --d2l-steps must be positive")
-        d2l = d2l_book.import_d2l()
-        if d2l is None:
-            raise UserError("the d2l package is not installed; pip install d2l --no-deps")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: compare_main_job_and_d2l(args))
+
+
+def compare_main_job_and_d2l(args: argparse.Namespace) -> None:
+    if not args.data_dir or not (Path(args.data_dir) / "wiki.train.tokens").is_file():
+        raise UserError(f"--data-dir {args.data_dir}: no wiki.train.tokens there; pass the WikiText-2 directory")
+    if min(args.rounds, args.steps, args.d2l_steps) < 1:
+        raise UserError("--rounds, --steps and --d2l-steps must be positive")
+    d2l = d2l_book.import_d2l()
+    if d2l is None:
+        raise UserError("the d2l package is not installed; pip install d2l --no-deps")
     torch.set_num_threads(args.threads)
     data_dir = str(Path(args.data_dir).resolve())
     reference = D2LLoop(d2l, data_dir, batch=512, max_len=64, lr=0.01, steps=args.d2l_steps)
@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(compare([reference, *jobs], args.rounds), reference.name)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

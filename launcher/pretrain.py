@@ -5,7 +5,6 @@
     python -m bertds.supervise -- deepspeed --num_gpus 2 launcher/pretrain.py ...   # SIGTERM-safe wrapper
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import deepspeed
 
 from bertds.data import add_data_arguments, data_config_from_args
 from bertds.engine.train import TrainConfig, main
-from bertds.engine.train_config import CHECKPOINT_FLAGS, TRACKING_FLAGS
-from bertds.errors import EXIT_USER_ERROR, UserError
+from bertds.errors import run_cli
 from bertds.evaluate import add_eval_arguments, eval_config_from_args
-from bertds.options import add_options, from_args, option_fields
+from bertds.options import add_options, from_args
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_cpu.json"
 
@@ -24,9 +22,7 @@ DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_c
 def parse_args(argv=None) -> TrainConfig:
     """The config of the command line; a bad value raises a UserError (argparse exits 2 on a malformed one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TrainConfig, skip=CHECKPOINT_FLAGS + TRACKING_FLAGS)
-    add_options(p.add_argument_group("checkpoints"), TrainConfig, skip=_all_but(CHECKPOINT_FLAGS))
-    add_options(p.add_argument_group("tracking"), TrainConfig, skip=_all_but(TRACKING_FLAGS))
+    add_options(p, TrainConfig)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     add_data_arguments(p)
     add_eval_arguments(p)
@@ -36,18 +32,8 @@ def parse_args(argv=None) -> TrainConfig:
                      data=data_config_from_args(args), eval=eval_config_from_args(args))
 
 
-def _all_but(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f.name for f in option_fields(TrainConfig) if f.name not in names)
-
-
 def cli(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except UserError as e:  # the same on every rank: said once
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return main(cfg)
+    return run_cli(lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":
