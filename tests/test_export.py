@@ -14,6 +14,7 @@ from bertds.engine.train import TrainConfig
 from bertds.export import load_checkpoint, main as export_main
 from bertds.hf import CONFIG_NAMES, from_hf_config, load_hf_pretrained, save_hf, to_hf_config, to_hf_state_dict
 from bertds.model import BertConfig
+from tests.conftest import wordpiece_vocab
 from tests.hf_loading import LEGACY_PYTHON, legacy_report, report
 
 SENTENCES = ["a crane is flying over the river", "a crane driver came", "he just left", "the river is wide"]
@@ -193,11 +194,6 @@ def test_a_pre_layernorm_model_is_neither_exported_nor_imported(tmp_path, capsys
 TEXTS = [("A Crane Is Flying.", None), ("1,000 cafés", "he just LEFT"), ("a crane driver came", "the river is wide"),
          ("Cranes are flying!", "a crane driver"), ("the river's crane", "he (just) left"), ("café", "naïve über")]
 TRAINED_MAX_LEN = 64
-
-
-def wordpiece_vocab() -> Vocab:
-    from tests.test_encode import wordpiece_vocab as vocab
-    return vocab()
 
 
 def run_record(max_len: int) -> dict:

@@ -1,16 +1,13 @@
 """Pretraining flags are validated when parsed (issue 13 §7): one UserError each, before anything starts."""
-import importlib.util
 import os
 
 import pytest
 
 from bertds.engine.runlock import RunLock
 from bertds.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import load_launcher
 
-spec = importlib.util.spec_from_file_location("pretrain_launcher", REPO / "launcher" / "pretrain.py")
-pretrain = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pretrain)
+pretrain = load_launcher("pretrain.py")
 
 
 @pytest.mark.parametrize("args, message", [
