@@ -23,8 +23,9 @@ from bertds.engine.optim import adapt_optimization
 from bertds.engine.tracking import Tracker
 from bertds.errors import UserError, run_cli
 from bertds.model import BertForPreTraining
+from bertds.options import option
 from bertds.tasks.classifier import BertClassifier, save_classifier
-from bertds.tasks.nli import LABELS, TokenizedPairs, load_split
+from bertds.tasks.nli import LABELS, SPLITS, TokenizedPairs, load_split
 
 BEST_DIR = "best"
 RESULT_FILE = "finetune_config.json"
@@ -36,25 +37,30 @@ class FinetuneConfig:
     defaults are d2l's SNLI recipe."""
 
     deepspeed_config: str
-    checkpoint: str | None = None  # a bertds run directory or DeepSpeed checkpoint
-    init_from_hf: str | None = None  # or a Hugging Face BERT directory
-    data_dir: str | None = None  # None: the hub dataset stanfordnlp/snli
-    train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("dev", "test")  # the best model is chosen on the first
-    max_len: int = 128
-    epochs: int = 5
-    batch_size: int | None = None  # global pairs per optimizer step; None: the JSON's train_batch_size
-    lr: float | None = None  # None: the JSON's optimizer lr
-    max_train_pairs: int | None = None  # a seeded random subset, for quick runs
-    max_eval_pairs: int | None = None
-    seed: int = 0
-    output_dir: str = "runs/finetune_snli"
+    checkpoint: str | None = option(None, "a pretraining run's --output-dir, or a DeepSpeed checkpoint of it")
+    init_from_hf: str | None = option(None, "or a Hugging Face BERT directory (e.g. bert-base-uncased)")
+    data_dir: str | None = option(None, "directory with SNLI's snli_1.0_{train,dev,test}.jsonl or .txt, or "
+                                        "{split}.tsv (label<TAB>premise<TAB>hypothesis); default: the hub")
+    train_split: str = option("train", "the split to train on", choices=list(SPLITS))
+    eval_splits: list[str] = option(help="evaluated after every epoch; the best model is chosen on the first",
+                                    choices=list(SPLITS), default_factory=lambda: ["dev", "test"])
+    max_len: int = option(128, "tokens per pair, <cls>/<sep> included; longer pairs are cut, longest sentence "
+                               "first")
+    epochs: int = option(5, "passes over the training split")
+    batch_size: int | None = option(None, "global pairs per optimizer step; default: from the JSON")
+    lr: float | None = option(None, "learning rate; default: from the JSON")
+    max_train_pairs: int | None = option(None, "train on a seeded random subset of this many pairs")
+    max_eval_pairs: int | None = option(None, "evaluate on a seeded random subset of this many pairs per split")
+    seed: int = option(0, "seed of the classifier's output layer, the subsets and the data order")
+    output_dir: str = option("runs/finetune_snli", "metrics.jsonl, best/, finetune_config.json")
+
+    def __post_init__(self) -> None:
+        if bool(self.checkpoint) == bool(self.init_from_hf):
+            raise UserError("pass exactly one of --checkpoint RUN (a bertds run) or --init-from-hf DIR (a Hugging "
+                            "Face BERT directory)")
 
 
 def load_backbone(cfg: FinetuneConfig) -> tuple[BertForPreTraining, Vocab]:
-    if bool(cfg.checkpoint) == bool(cfg.init_from_hf):
-        raise UserError("pass exactly one of --checkpoint RUN (a bertds run) or --init-from-hf DIR (a Hugging Face "
-                        "BERT directory)")
     if cfg.init_from_hf:
         from bertds.hf import load_hf_pretrained
         return load_hf_pretrained(cfg.init_from_hf)
