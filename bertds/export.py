@@ -88,6 +88,15 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> tuple[BertForPreTr
     return model, vocab
 
 
+def load_any(path: str | Path, trust: bool = False) -> tuple[BertForPreTraining, Vocab]:
+    """(model in eval mode on the CPU, vocabulary) of a Hugging Face BERT directory, or of a finished run or a
+    DeepSpeed checkpoint (``load_checkpoint``)."""
+    from bertds.hf import is_hf_directory, load_hf_pretrained
+    if is_hf_directory(path):
+        return load_hf_pretrained(path)
+    return load_checkpoint(path, trust)
+
+
 def export_pretrained(path: Path, out: Path, max_len: int | None, name: str, trust: bool = False) -> str:
     """A pretrained model as a BertForPreTraining directory; returns the transformers class to load it with."""
     from bertds.hf import check_post_layernorm, describe_architecture, save_hf

@@ -15,15 +15,6 @@ from bertds.errors import run_cli
 SHOWN_ELEMENTS = 8  # of the <cls> vector, in the plain-text output
 
 
-def load_model(path: str):
-    """(model, vocabulary) from a bertds checkpoint or a Hugging Face directory."""
-    from bertds.hf import is_hf_directory, load_hf_pretrained
-    if is_hf_directory(path):
-        return load_hf_pretrained(path)
-    from bertds.export import load_checkpoint
-    return load_checkpoint(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", help="the (first) text")
@@ -36,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show(args: argparse.Namespace) -> None:
-    model, vocab = load_model(args.checkpoint)
+    from bertds.export import load_any
+    model, vocab = load_any(args.checkpoint)
     ids, segments = pack(vocab, args.text, args.pair)
     encoded = encode(model, vocab, args.text, args.pair)[0]
     tokens = [vocab.tokenizer.id_to_token(i) for i in ids]
