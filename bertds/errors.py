@@ -24,8 +24,8 @@ class TrainingDiverged(Exception):
     exit_code = EXIT_DIVERGED
 
 
-def tells_the_job() -> bool:
-    """Whether this process prints what is the same on every rank of a launch: launch rank 0 (RANK unset or 0)."""
+def on_launch_rank_0() -> bool:
+    """Whether this process is launch rank 0 (RANK unset or 0): the one that says what is the same on every rank."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -37,7 +37,7 @@ def run_cli(command: Callable[[], object]) -> int:
     try:
         result = command()
     except (UserError, TrainingDiverged) as e:
-        if tells_the_job():
+        if on_launch_rank_0():
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return result if isinstance(result, int) else EXIT_OK
