@@ -35,6 +35,7 @@ from bench.d2l_data_reference import load_data_wiki  # noqa: E402
 from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resolve_corpus  # noqa: E402
 from bertds.data.loader import table_columns  # noqa: E402
 from bertds.data.prepare import TokenizerChoice, prepare_directory  # noqa: E402
+from bertds.errors import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -174,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

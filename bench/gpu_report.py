@@ -38,6 +38,7 @@ from bench.throughput import (STEPS, BenchConfig, Prefetcher, achieved, build_mo
                               load_batches, model_flops, split_parameters, timed_steps)
 from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine.optim import Lamb  # noqa: E402
+from bertds.errors import UserError, run_cli  # noqa: E402
 from bertds.model import BertForPreTraining, get_config  # noqa: E402
 from bertds.plan import PlanConfig, plan  # noqa: E402
 
@@ -371,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0, help="the whole report must finish within this")
     p.add_argument("--json", help="write the table here as JSON")
     args = p.parse_args(argv)
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Runs every check and prints the table; exit code 1 if any check failed."""
     if args.data_dir and not Path(args.data_dir).is_dir():
-        print(f"error: --data-dir {args.data_dir} is not a directory; pass the WikiText-2 directory", file=sys.stderr)
-        return 2
+        raise UserError(f"--data-dir {args.data_dir} is not a directory; pass the WikiText-2 directory")
     start = time.perf_counter()
     accelerator = get_accelerator()
     if args.smoke and not accelerator.is_fp16_supported():

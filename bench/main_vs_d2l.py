@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import d2l_book  # noqa: E402
 from bench.throughput import achieved, model_flops, split_parameters  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
+from bertds.errors import UserError, run_cli  # noqa: E402
 from bertds.model import BertForPreTraining, get_config  # noqa: E402
 
 PAIRS_LINE = re.compile(r"^([\d.]+) sentence pairs/sec", re.M)
@@ -144,17 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the machine's dense peak (2 Zen-4 cores: about 0.17 fp32)")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
-    try:
-        if not args.data_dir or not (Path(args.data_dir) / "wiki.train.tokens").is_file():
-            raise UserError(f"--data-dir {args.data_dir}: no wiki.train.tokens there; pass the WikiText-2 directory")
-        if min(args.rounds, args.steps, args.d2l_steps) < 1:
-            raise UserError("--rounds, --steps and --d2l-steps must be positive")
-        d2l = d2l_book.import_d2l()
-        if d2l is None:
-            raise UserError("the d2l package is not installed; pip install d2l --no-deps")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: compare_main_job_and_d2l(args))
+
+
+def compare_main_job_and_d2l(args: argparse.Namespace) -> None:
+    if not args.data_dir or not (Path(args.data_dir) / "wiki.train.tokens").is_file():
+        raise UserError(f"--data-dir {args.data_dir}: no wiki.train.tokens there; pass the WikiText-2 directory")
+    if min(args.rounds, args.steps, args.d2l_steps) < 1:
+        raise UserError("--rounds, --steps and --d2l-steps must be positive")
+    d2l = d2l_book.import_d2l()
+    if d2l is None:
+        raise UserError("the d2l package is not installed; pip install d2l --no-deps")
     torch.set_num_threads(args.threads)
     data_dir = str(Path(args.data_dir).resolve())
     reference = D2LLoop(d2l, data_dir, batch=BATCH, max_len=MAX_LEN, lr=0.01, steps=args.d2l_steps)
@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(results, reference.name, pair_flops, args.peak_tflops)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bertds.data import ExampleConfig, build_examples, resolve_corpus  # noqa: E402
 from bertds.data.loader import table_columns  # noqa: E402
+from bertds.errors import run_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 UNUSED_BY_BERT_DATA = {"torchvision": ["transforms"], "IPython": ["display"], "scipy": ["spatial"],
@@ -216,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

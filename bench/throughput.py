@@ -16,38 +16,51 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus  # noqa: E402
 from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine import micro_step  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
-from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config  # noqa: E402
+from bertds.errors import UserError, run_cli  # noqa: E402
+from bertds.model import BertConfig, BertForPreTraining, get_config  # noqa: E402
+from bertds.options import add_options, from_args, option, redefault  # noqa: E402
+from bertds.plan import JobShape  # noqa: E402
+
+
+STEPS = {"fused": micro_step, "logits": functools.partial(micro_step, fused=False)}
 
 
 @dataclass
-class BenchConfig:
-    model: str = "tiny"
-    max_len: int = 64
-    micro_batch: int = 512
-    zero: int = 0
-    precision: str = "fp32"
-    compile: bool = False
-    mlm_loss: str = "fused"  # fused: logits-free loss on the real slots; logits: bertds.engine.micro_step as is
-    warmup: int = 3
-    steps: int = 10
-    log_interval: int = 5
-    lr: float = 1e-4
-    peak_tflops: float | None = None
-    data_dir: str | None = None
-    seed: int = 0
+class BenchConfig(JobShape):
+    """The job shape (bertds.plan's) and how to time it; the defaults are d2l's recipe on a CPU."""
+
+    model: str = redefault(JobShape, "model", "tiny")
+    max_len: int = redefault(JobShape, "max_len", 64)
+    micro_batch: int = redefault(JobShape, "micro_batch", 512)
+    zero: int = redefault(JobShape, "zero", 0)
+    precision: str = redefault(JobShape, "precision", "fp32")
+    compile: bool = option(False, "torch.compile the encoder")
+    mlm_loss: str = option("fused", "fused: MLM loss inside the model on the real slots (the default step); "
+                                    "logits: the (B, P, V) logits path", choices=list(STEPS))
+    warmup: int = option(3, "untimed steps first")
+    steps: int = option(10, "timed steps")
+    log_interval: int = option(5, "steps between loss reads (host syncs)")
+    lr: float = option(1e-4, "Adam learning rate")
+    peak_tflops: float | None = option(None, "the device's dense peak for --precision, for MFU")
+    data_dir: str | None = option(None, "WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub")
+    seed: int = option(0, "seed of the model's weights and the data order")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 8 <= self.max_len <= 512:
+            raise UserError(f"--max-len {self.max_len} is outside 8..512")
+        if self.steps < 1 or self.warmup < 0 or self.log_interval < 1:
+            raise UserError("--steps and --log-interval must be positive, --warmup non-negative")
 
 
 def ds_config(cfg: BenchConfig) -> dict:
@@ -63,19 +76,9 @@ def ds_config(cfg: BenchConfig) -> dict:
 
 
 def check(cfg: BenchConfig) -> None:
-    if cfg.model not in MODEL_PRESETS:
-        raise UserError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODEL_PRESETS)}")
-    if not 8 <= cfg.max_len <= 512:
-        raise UserError(f"--max-len {cfg.max_len} is outside 8..512")
-    if cfg.micro_batch < 1 or cfg.steps < 1 or cfg.warmup < 0 or cfg.log_interval < 1:
-        raise UserError("--micro-batch, --steps and --log-interval must be positive, --warmup non-negative")
-    if cfg.zero not in (0, 1, 2, 3):
-        raise UserError(f"--zero {cfg.zero}: ZeRO stages are 0, 1, 2, 3")
+    """What depends on the machine (the config checked its own values when it was built)."""
     if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise UserError(f"fp16 is not supported on {get_accelerator().device_name()}; use --precision bf16 or fp32")
-
-
-STEPS = {"fused": micro_step, "logits": functools.partial(micro_step, fused=False)}
 
 
 class Prefetcher:
@@ -215,42 +218,16 @@ def run(cfg: BenchConfig) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help=f"one of {', '.join(MODEL_PRESETS)}")
-    p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=512, help="sequences per rank per step")
-    p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    p.add_argument("--mlm-loss", choices=list(STEPS), default="fused",
-                   help="fused: MLM loss inside the model on the real slots (the default step); "
-                        "logits: the (B, P, V) logits path")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--log-interval", type=int, default=5, help="steps between loss reads (host syncs)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--peak-tflops", type=float, help="the device's dense peak for --precision, for MFU")
-    p.add_argument("--data-dir", help="WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub")
-    p.add_argument("--seed", type=int, default=0)
+    add_options(p, BenchConfig)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = vars(p.parse_args(argv))
-    args.pop("local_rank")
-    return BenchConfig(**args)
-
-
-def run_cli(fn: Callable[[], object]) -> int:
-    """Runs a benchmark: a UserError prints one line and returns 2; the process group is always shut down."""
-    try:
-        fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    finally:
-        shutdown_distributed()
-    return 0
+    return from_args(BenchConfig, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: run(parse_args(argv)))
+    try:
+        return run_cli(lambda: run(parse_args(argv)))
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

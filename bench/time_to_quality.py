@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from bertds.data import load_prepared  # noqa: E402
 from bertds.engine.tracking import read_metrics  # noqa: E402
+from bertds.errors import run_cli  # noqa: E402
 from bertds.evaluate import HELDOUT_PREFIX, score  # noqa: E402
 from bertds.model import BertForPreTraining, get_config  # noqa: E402
 
@@ -218,4 +219,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

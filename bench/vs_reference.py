@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import d2l_book  # noqa: E402
 from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
 from bench.throughput import (STEPS, BenchConfig, achieved, build_model, check, ds_config, load_batches,  # noqa: E402
-                              model_flops, run_cli, split_parameters)
-from bertds.distributed import init_distributed  # noqa: E402
+                              model_flops, split_parameters)
+from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine.host_memory import keep_freed_memory  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
+from bertds.errors import UserError, run_cli  # noqa: E402
 from bertds.model import MODEL_PRESETS  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -216,9 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the machine's dense peak (2 Zen-4 cores: about 0.17 fp32)")
     p.add_argument("--data-dir", help="WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub")
     args = p.parse_args(argv)
-    cfg = BenchConfig(model=args.model, max_len=args.max_len, micro_batch=args.batch, compile=args.compile,
-                      precision=args.precision, lr=args.lr, peak_tflops=args.peak_tflops, data_dir=args.data_dir)
-    return run_cli(lambda: main_run(cfg, args.rounds, args.steps_per_round, args.transformers, args.threads))
+
+    def run() -> dict:
+        cfg = BenchConfig(model=args.model, max_len=args.max_len, micro_batch=args.batch, compile=args.compile,
+                          precision=args.precision, lr=args.lr, peak_tflops=args.peak_tflops, data_dir=args.data_dir)
+        return main_run(cfg, args.rounds, args.steps_per_round, args.transformers, args.threads)
+
+    try:
+        return run_cli(run)
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

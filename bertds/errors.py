@@ -1,6 +1,7 @@
 """Errors caused by the user's input (bad flags, data, configs) and the exit codes of every bertds command."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,11 +18,26 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
-def run_cli(command: Callable[[], int | None], *errors: type[Exception]) -> int:
-    """Runs a command-line entry point: a UserError (or one of ``errors``, which must carry ``exit_code``) becomes
-    one ``error:`` line on stderr and its exit code; anything else propagates as a traceback (a bug)."""
+class TrainingDiverged(Exception):
+    """The loss became NaN/inf; the message says where the last good checkpoint is and what to change."""
+
+    exit_code = EXIT_DIVERGED
+
+
+def on_launch_rank_0() -> bool:
+    """Whether this process is launch rank 0 (RANK unset or 0): the one that says what is the same on every rank."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_cli(command: Callable[[], object]) -> int:
+    """Runs a command-line entry point and returns its exit code: the command's own when it returns an int, else 0.
+    A UserError or TrainingDiverged becomes one ``error:`` line on stderr and its exit code; anything else
+    propagates as a traceback (a bug). Such an error is the same on every rank of a launch (bertds agrees on it
+    before raising), so only launch rank 0 prints it."""
     try:
-        return command() or EXIT_OK
-    except (UserError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_USER_ERROR)
+        result = command()
+    except (UserError, TrainingDiverged) as e:
+        if on_launch_rank_0():
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return result if isinstance(result, int) else EXIT_OK

@@ -202,17 +202,6 @@ def find_train_config(checkpoint: Path) -> dict | None:
     return None
 
 
-def load_any(checkpoint: Path):
-    """(model in eval mode on the CPU, vocabulary) of a run dir, DeepSpeed checkpoint or HF directory."""
-    if (checkpoint / "config.json").is_file() and (checkpoint / "model.safetensors").is_file():
-        from bertds.hf import load_hf_pretrained
-        model, vocab = load_hf_pretrained(checkpoint)
-    else:
-        from bertds.export import load_checkpoint
-        model, vocab = load_checkpoint(checkpoint)
-    return model, vocab
-
-
 def _data_config(args: argparse.Namespace, explicit: set[str], run: dict | None) -> DataConfig:
     """The run's data config, with the data flags given on the command line on top."""
     base = DataConfig(**{k: v for k, v in (run or {}).get("train", {}).get("data", {}).items()
@@ -224,6 +213,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, cfg: EvalConfi
                         cache_dir: str | None = None) -> dict:
     """Held-out metrics of any finished run, DeepSpeed checkpoint or Hugging Face BERT directory (on the CPU)."""
     checkpoint = Path(checkpoint)
+    from bertds.export import load_any
     model, vocab = load_any(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         vocab.save(tmp)  # the tokenizer file the held-out examples are keyed by (bytes as the run's data dir)

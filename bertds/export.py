@@ -20,7 +20,7 @@ import torch
 
 from bertds import safe_load
 from bertds.data.tokenizer import Vocab
-from bertds.engine.checkpoint import LATEST, first_verified, locate
+from bertds.engine.checkpoint import LATEST, locate, verified
 from bertds.errors import UserError, run_cli
 from bertds.model import BertConfig, BertForPreTraining
 from bertds.model_card import (FINETUNE_RECORD, RUN_RECORD, classifier_card, pretraining_card, read_record,
@@ -48,13 +48,7 @@ def find_deepspeed_checkpoint(path: Path, trust: bool = False) -> Path | None:
     """The DeepSpeed checkpoint directory at ``path`` that verifies (see ``bertds.engine.checkpoint.locate``;
     a damaged ``latest`` falls back to the newest complete one, saying so), or None if there is none."""
     found = locate(path)
-    if found is None:
-        return None
-    checkpoint, passed_over = first_verified(found, trust, require_manifest=False)
-    if passed_over:
-        print(f"warning: {'; '.join(passed_over)}; using {checkpoint}, the newest checkpoint that verifies",
-              file=sys.stderr)
-    return checkpoint
+    return None if found is None else verified(found, trust, require_manifest=False)
 
 
 def load_deepspeed_checkpoint(path: Path, trust: bool = False) -> tuple[BertForPreTraining, Vocab, Path]:
@@ -92,6 +86,15 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> tuple[BertForPreTr
         return load_pretrained(path)
     model, vocab, _ = load_deepspeed_checkpoint(path, trust)
     return model, vocab
+
+
+def load_any(path: str | Path, trust: bool = False) -> tuple[BertForPreTraining, Vocab]:
+    """(model in eval mode on the CPU, vocabulary) of a Hugging Face BERT directory, or of a finished run or a
+    DeepSpeed checkpoint (``load_checkpoint``)."""
+    from bertds.hf import is_hf_directory, load_hf_pretrained
+    if is_hf_directory(path):
+        return load_hf_pretrained(path)
+    return load_checkpoint(path, trust)
 
 
 def export_pretrained(path: Path, out: Path, max_len: int | None, name: str, trust: bool = False) -> str:

@@ -33,6 +33,15 @@ NSP_HEAD = "nsp.seq_relationship"
 HEAD_NAMES = {"mlm.dense": "cls.predictions.transform.dense", "mlm.LayerNorm": "cls.predictions.transform.LayerNorm",
               NSP_HEAD: "cls.seq_relationship"}
 CLASSIFIER_NAMES = {"output.weight": "classifier.weight", "output.bias": "classifier.bias"}
+# Every BertConfig field -> its transformers.BertConfig name, used both ways. pre_layernorm and sentence_loss are
+# bertds' own: config.json keeps them, transformers ignores them.
+CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                "num_heads": "num_attention_heads", "ffn_size": "intermediate_size",
+                "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+                "dropout": "hidden_dropout_prob", "attention_dropout": "attention_probs_dropout_prob",
+                "layer_norm_eps": "layer_norm_eps", "initializer_range": "initializer_range",
+                "tie_word_embeddings": "tie_word_embeddings", "pad_token_id": "pad_token_id",
+                "pre_layernorm": "pre_layernorm", "sentence_loss": "sentence_loss"}
 # modeling_bert keeps the MLM output bias as cls.predictions.bias and aliases it as the decoder's bias.
 HF_DECODER_BIAS = "cls.predictions.decoder.bias"
 # BertTokenizer(Fast) rebuilds its pipeline from these (transformers 5 ignores tokenizer.json's for it).
@@ -111,21 +120,17 @@ def check_post_layernorm(pre_layernorm: bool, source: str) -> None:
 
 
 def to_hf_config(config: BertConfig, **extra):
-    """transformers' BertConfig of ``config``; ``extra`` adds e.g. the labels of a classifier."""
+    """transformers' BertConfig of ``config`` (every field, through CONFIG_NAMES); ``extra`` adds e.g. the labels of
+    a classifier."""
     transformers = require_transformers()
     check_post_layernorm(config.pre_layernorm, "the model")
-    return transformers.BertConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, intermediate_size=config.ffn_size, hidden_act="gelu",
-        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.attention_dropout,
-        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
-        initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
-        pad_token_id=config.pad_token_id, tie_word_embeddings=config.tie_word_embeddings,
-        **{"architectures": ["BertForPreTraining"], **extra})
+    values = {theirs: getattr(config, ours) for ours, theirs in CONFIG_NAMES.items()}
+    return transformers.BertConfig(hidden_act="gelu", **{**values, "architectures": ["BertForPreTraining"], **extra})
 
 
 def from_hf_config(hf_config, source: str) -> BertConfig:
-    """bertds computes exact-GELU, absolute-position, post-LN BERT; other variants are refused, not approximated."""
+    """The bertds config of a transformers BertConfig (a field it lacks, or leaves None, keeps bertds' default).
+    bertds computes exact-GELU, absolute-position, post-LN BERT; other variants are refused, not approximated."""
     check_post_layernorm(getattr(hf_config, "pre_layernorm", False), source)
     if hf_config.hidden_act != "gelu":
         raise UserError(f"{source} uses hidden_act '{hf_config.hidden_act}'; bertds implements BERT's exact "
@@ -133,14 +138,8 @@ def from_hf_config(hf_config, source: str) -> BertConfig:
     if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
         raise UserError(f"{source} uses {hf_config.position_embedding_type} position embeddings; bertds has "
                         "absolute ones only, so start from a standard BERT checkpoint")
-    return BertConfig(
-        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size, num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads, ffn_size=hf_config.intermediate_size,
-        max_position_embeddings=hf_config.max_position_embeddings, type_vocab_size=hf_config.type_vocab_size,
-        dropout=hf_config.hidden_dropout_prob, attention_dropout=hf_config.attention_probs_dropout_prob,
-        layer_norm_eps=hf_config.layer_norm_eps, initializer_range=hf_config.initializer_range,
-        tie_word_embeddings=getattr(hf_config, "tie_word_embeddings", True),
-        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0)
+    values = {ours: getattr(hf_config, theirs, None) for ours, theirs in CONFIG_NAMES.items()}
+    return BertConfig(**{ours: value for ours, value in values.items() if value is not None})
 
 
 def describe_architecture(config: BertConfig) -> str:

@@ -25,25 +25,53 @@ from dataclasses import dataclass
 
 import torch
 
-from bertds.errors import UserError
+from bertds.data.masking import MASK_RATE
+from bertds.errors import UserError, run_cli
 from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config, num_parameters
-from bertds.data.examples import MASK_RATE
+from bertds.options import add_options, from_args, option
 
 GiB = 2 ** 30
 
 
+PRECISIONS = ["fp32", "bf16", "fp16"]
+
+
 @dataclass
-class PlanConfig:
-    model: str = "large"
-    max_len: int = 512
-    micro_batch: int = 8
-    zero: int = 2
-    precision: str = "bf16"
-    gpus: int = 8
-    gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0
-    offload: bool = False
-    vocab_size: int = 30522
+class JobShape:
+    """What a training job's memory and speed depend on, shared by the memory plan and bench/throughput.py; the
+    defaults are BERT-Large's phase 2."""
+
+    model: str = option("large", f"model preset: {', '.join(MODEL_PRESETS)}")
+    max_len: int = option(512, "tokens per sequence")
+    micro_batch: int = option(8, "sequences per GPU per step")
+    zero: int = option(2, "ZeRO stage 0-3")
+    precision: str = option("bf16", "training precision", choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_PRESETS:
+            raise UserError(f"unknown model '{self.model}'; choose one of {', '.join(MODEL_PRESETS)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise UserError(f"--zero {self.zero}: ZeRO stages are 0, 1, 2, 3")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: choose {', '.join(PRECISIONS)}")
+        if self.micro_batch < 1 or self.max_len < 1:
+            raise UserError("--micro-batch and --max-len must be positive")
+
+
+@dataclass
+class PlanConfig(JobShape):
+    gpus: int = option(8, "data-parallel GPUs in total")
+    gpus_per_node: int = option(8, "for the CPU memory of --offload")
+    gpu_memory_gib: float = option(80.0, "GiB per GPU", flag="--gpu-memory")
+    offload: bool = option(False, "ZeRO-2/3 optimizer states in CPU memory")
+    vocab_size: int = option(BertConfig.vocab_size, "vocabulary size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.offload and self.zero < 2:
+            raise UserError("--offload (CPU optimizer offload) needs --zero 2 or 3")
+        if min(self.gpus, self.gpus_per_node) < 1 or self.gpu_memory_gib <= 0:
+            raise UserError("--gpus, --gpus-per-node and --gpu-memory must be positive")
 
 
 @dataclass
@@ -104,16 +132,6 @@ def activation_bytes(config: BertConfig, cfg: PlanConfig, flash: bool) -> tuple[
 
 
 def plan(cfg: PlanConfig) -> Plan:
-    if cfg.model not in MODEL_PRESETS:
-        raise UserError(f"unknown model '{cfg.model}'; choose one of {', '.join(MODEL_PRESETS)}")
-    if cfg.zero not in (0, 1, 2, 3):
-        raise UserError(f"--zero {cfg.zero}: ZeRO stages are 0, 1, 2, 3")
-    if cfg.offload and cfg.zero < 2:
-        raise UserError("--offload (CPU optimizer offload) needs --zero 2 or 3")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {cfg.precision}: choose fp32, bf16 or fp16")
-    if min(cfg.gpus, cfg.gpus_per_node, cfg.micro_batch) < 1 or cfg.gpu_memory_gib <= 0:
-        raise UserError("--gpus, --gpus-per-node, --micro-batch and --gpu-memory must be positive")
     config = get_config(cfg.model, vocab_size=cfg.vocab_size)
     if not 1 <= cfg.max_len <= config.max_position_embeddings:
         raise UserError(f"--max-len {cfg.max_len} is outside 1..{config.max_position_embeddings}")
@@ -155,23 +173,14 @@ def report(cfg: PlanConfig, p: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bertds.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="large", help=f"one of {', '.join(MODEL_PRESETS)}")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--precision", default="bf16", help="fp32, bf16 or fp16")
-    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs in total")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="for the CPU memory of --offload")
-    p.add_argument("--gpu-memory", type=float, default=80.0, dest="gpu_memory_gib", help="GiB per GPU")
-    p.add_argument("--offload", action="store_true", help="ZeRO-2/3 optimizer states in CPU memory")
-    p.add_argument("--vocab-size", type=int, default=30522)
-    cfg = PlanConfig(**vars(p.parse_args(argv)))
-    try:
+    add_options(p, PlanConfig)
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        cfg = from_args(PlanConfig, args)
         print(report(cfg, plan(cfg)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

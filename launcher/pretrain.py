@@ -18,10 +18,9 @@ import deepspeed  # noqa: E402
 
 from bertds.data import add_data_arguments, data_config_from_args  # noqa: E402
 from bertds.engine.train import TrainConfig, main  # noqa: E402
-from bertds.engine.train_config import CHECKPOINT_FLAGS, TRACKING_FLAGS  # noqa: E402
-from bertds.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from bertds.errors import run_cli  # noqa: E402
 from bertds.evaluate import add_eval_arguments, eval_config_from_args  # noqa: E402
-from bertds.options import add_options, from_args, option_fields  # noqa: E402
+from bertds.options import add_options, from_args  # noqa: E402
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_cpu.json"
 
@@ -29,9 +28,7 @@ DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_c
 def parse_args(argv=None) -> TrainConfig:
     """The config of the command line; a bad value raises a UserError (argparse exits 2 on a malformed one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TrainConfig, skip=CHECKPOINT_FLAGS + TRACKING_FLAGS)
-    add_options(p.add_argument_group("checkpoints"), TrainConfig, skip=_all_but(CHECKPOINT_FLAGS))
-    add_options(p.add_argument_group("tracking"), TrainConfig, skip=_all_but(TRACKING_FLAGS))
+    add_options(p, TrainConfig)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     add_data_arguments(p)
     add_eval_arguments(p)
@@ -41,18 +38,8 @@ def parse_args(argv=None) -> TrainConfig:
                      data=data_config_from_args(args), eval=eval_config_from_args(args))
 
 
-def _all_but(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f.name for f in option_fields(TrainConfig) if f.name not in names)
-
-
 def cli(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except UserError as e:  # the same on every rank: said once
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return main(cfg)
+    return run_cli(lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":

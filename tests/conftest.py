@@ -1,9 +1,11 @@
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +83,39 @@ def process_group():
 @pytest.fixture(scope="session")
 def tiny_ds_config() -> Path:
     return REPO / "ds_configs" / "tiny_cpu.json"
+
+
+def load_launcher(script: str):
+    """A script of launcher/ as a module, to call its main or parse_args in this process."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / "launcher" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepare_cli():
+    """launcher/prepare_data.py's main."""
+    return load_launcher("prepare_data.py").main
+
+
+def restore_masked(columns: dict) -> np.ndarray:
+    """The examples' tokens (numpy columns) with every real prediction slot's label put back: the text before
+    masking."""
+    tokens = columns["tokens"].copy()
+    rows = np.broadcast_to(np.arange(len(tokens))[:, None], columns["pred_positions"].shape)
+    real = columns["mlm_weights"] > 0
+    tokens[rows[real], columns["pred_positions"][real]] = columns["mlm_labels"][real]
+    return tokens
+
+
+def wordpiece_vocab():
+    """A 12-piece BERT-style WordPiece vocabulary (lower-casing, punctuation split)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from bertds import Vocab
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "crane", "##s", "are", "fly", "##ing", "driver"]
+    tokenizer = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return Vocab(tokenizer, {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"})

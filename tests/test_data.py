@@ -7,6 +7,7 @@ from bertds.data.corpus import HUB_DATASET
 from bertds.data.d2l import paragraph_sentences
 from bertds.data.loader import table_columns
 from bertds.errors import UserError
+from tests.conftest import restore_masked
 
 
 def as_numpy(examples):
@@ -150,11 +151,7 @@ def synthetic_corpus(tmp_path, paragraphs=40, sentences=5):
 def decode_pairs(examples, vocab):
     d = as_numpy(examples)
     len_a = (d["segments"] == 0).argmin(axis=1) - 2
-    # Undo the masking to read the original tokens.
-    tokens = d["tokens"].copy()
-    rows = np.broadcast_to(np.arange(len(tokens))[:, None], d["pred_positions"].shape)
-    real = d["mlm_weights"] > 0
-    tokens[rows[real], d["pred_positions"][real]] = d["mlm_labels"][real]
+    tokens = restore_masked(d)
     pairs = []
     for row, n_a, n in zip(tokens, len_a, d["valid_len"]):
         words = [vocab.tokenizer.id_to_token(int(t)) for t in row[:n]]

@@ -17,20 +17,13 @@ from bertds.data.masking import special_positions
 from bertds.data.prepare import corpus_texts
 from bertds.data.shards import in_memory_dataset
 from bertds.errors import UserError
+from tests.conftest import REPO, restore_masked
 
-REPO_LAUNCHER = __import__("pathlib").Path(__file__).resolve().parents[1] / "launcher" / "prepare_data.py"
+REPO_LAUNCHER = REPO / "launcher" / "prepare_data.py"
 
 
 def columns(examples):
     return table_columns(examples.data.table)
-
-
-def unmasked(d):
-    tokens = d["tokens"].copy()
-    rows = np.broadcast_to(np.arange(len(tokens))[:, None], d["pred_positions"].shape)
-    real = d["mlm_weights"] > 0
-    tokens[rows[real], d["pred_positions"][real]] = d["mlm_labels"][real]
-    return tokens
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------------
@@ -114,7 +107,7 @@ def document_corpus(tmp_path, docs=30, sentences=12, name="docs.txt"):
 def decode_origins(examples, vocab):
     """Per example: the (doc, sentence) of every token of A and of B, '.' dropped."""
     d = columns(examples)
-    tokens = unmasked(d)
+    tokens = restore_masked(d)
     first_b = np.argmax(d["segments"], axis=1)
     out = []
     for row, b, n in zip(tokens, first_b, d["valid_len"]):
@@ -159,7 +152,7 @@ def test_bert_masking_counts_and_whole_words(wordpiece, wikitext_dir):
     real = d["mlm_weights"] > 0
     expected = np.minimum(20, np.maximum(1, np.round(d["valid_len"] * 0.15)))
     assert (real.sum(axis=1) <= expected).all() and real.sum() > 0.9 * expected.sum()
-    tokens = unmasked(d)
+    tokens = restore_masked(d)
     continuation = wordpiece.continuation_table()[tokens]
     chosen = np.zeros_like(tokens, dtype=bool)
     rows = np.broadcast_to(np.arange(len(tokens))[:, None], real.shape)
@@ -308,15 +301,6 @@ def test_training_prepares_a_raw_corpus_into_the_cache(tmp_path):
     first = prepare_for_training(config, rank=0)
     second = prepare_for_training(config, rank=0)
     assert first.path == second.path and second.from_cache and second.masking == first.masking
-
-
-@pytest.fixture(scope="module")
-def prepare_cli():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO_LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, prepare_cli, capsys):

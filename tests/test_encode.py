@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from bertds import BertForPreTraining, Vocab, encode, get_config, load_pretrained, save_pretrained
+from bertds import BertForPreTraining, encode, get_config, load_pretrained, save_pretrained
 from bertds.encode import pack
-from tests.conftest import DIST_ENV, REPO
+from tests.conftest import DIST_ENV, REPO, wordpiece_vocab
 from tests.pretrained_run import tiny_pretrained_run
 
 
@@ -78,14 +77,6 @@ def test_cli_with_a_missing_checkpoint_exits_2(tmp_path):
     result = encode_cli("--checkpoint", str(tmp_path / "none"), "a crane")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {tmp_path / 'none'} does not exist")
-
-
-def wordpiece_vocab() -> Vocab:
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "crane", "##s", "are", "fly", "##ing", "driver"]
-    tokenizer = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return Vocab(tokenizer, {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"})
 
 
 def test_wordpiece_vocabulary_encodes_word_pieces():

@@ -1,5 +1,5 @@
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import deepspeed
@@ -12,7 +12,9 @@ from bertds.data import DataConfig
 from bertds.encode import pack
 from bertds.engine.train import TrainConfig
 from bertds.export import load_checkpoint, main as export_main
-from bertds.hf import load_hf_pretrained, save_hf, to_hf_state_dict
+from bertds.hf import CONFIG_NAMES, from_hf_config, load_hf_pretrained, save_hf, to_hf_config, to_hf_state_dict
+from bertds.model import BertConfig
+from tests.conftest import wordpiece_vocab
 from tests.hf_loading import LEGACY_PYTHON, legacy_report, report
 
 SENTENCES = ["a crane is flying over the river", "a crane driver came", "he just left", "the river is wide"]
@@ -84,6 +86,20 @@ def test_export_and_import_round_trip_of_a_finished_run(tmp_path, tie):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "README.md"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     assert_round_trip(model, vocab, tmp_path / "hf")
+
+
+def test_every_model_config_field_round_trips_through_a_hugging_face_config_json(tmp_path):
+    assert set(CONFIG_NAMES) == {f.name for f in fields(BertConfig)}
+    config = BertConfig(vocab_size=99, hidden_size=48, num_layers=3, num_heads=4, ffn_size=80,
+                        max_position_embeddings=40, type_vocab_size=3, dropout=0.05, attention_dropout=0.15,
+                        layer_norm_eps=1e-6, initializer_range=0.03, tie_word_embeddings=False, pad_token_id=7,
+                        sentence_loss=False)
+    changed = {f.name for f in fields(BertConfig) if getattr(config, f.name) != f.default}
+    assert changed == set(CONFIG_NAMES) - {"pre_layernorm"}  # a pre-LN model is refused (test below)
+    to_hf_config(config).save_pretrained(tmp_path)
+    assert from_hf_config(transformers.BertConfig.from_pretrained(tmp_path), str(tmp_path)) == config
+    standard = transformers.BertConfig()  # bert-base-uncased's config.json: no bertds fields, bertds' defaults
+    assert from_hf_config(standard, "bert-base-uncased") == BertConfig()
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -178,11 +194,6 @@ def test_a_pre_layernorm_model_is_neither_exported_nor_imported(tmp_path, capsys
 TEXTS = [("A Crane Is Flying.", None), ("1,000 cafés", "he just LEFT"), ("a crane driver came", "the river is wide"),
          ("Cranes are flying!", "a crane driver"), ("the river's crane", "he (just) left"), ("café", "naïve über")]
 TRAINED_MAX_LEN = 64
-
-
-def wordpiece_vocab() -> Vocab:
-    from tests.test_encode import wordpiece_vocab as vocab
-    return vocab()
 
 
 def run_record(max_len: int) -> dict:

@@ -66,11 +66,27 @@ def test_activations_match_the_megatron_formula_and_flash_drops_the_quadratic_te
     assert flash_ckpt < flash_full / 4
 
 
-def verdicts(out: str) -> dict[str, tuple[float, str, float]]:
-    """{"without checkpointing": (total GiB, verdict, headroom GiB), "with checkpointing": (...)}."""
-    found = re.findall(r"^(with(?:out)? checkpointing): ([\d.]+) GiB of [\d.]+ GiB -> (fits|does NOT fit), "
-                       r"headroom (-?[\d.]+) GiB", out, re.M)
-    return {name: (float(total), verdict, float(headroom)) for name, total, verdict, headroom in found}
+def verdicts(out: str) -> dict[str, tuple[float, float, str, float, int]]:
+    """{"without checkpointing": (total GiB, budget GiB, verdict, headroom GiB, headroom %), "with ...": (...)}."""
+    found = re.findall(r"^(with(?:out)? checkpointing): ([\d.]+) GiB of ([\d.]+) GiB -> (fits|does NOT fit), "
+                       r"headroom (-?[\d.]+) GiB \((-?\d+)%\)$", out, re.M)
+    return {name: (float(total), float(budget), verdict, float(headroom), int(percent))
+            for name, total, budget, verdict, headroom, percent in found}
+
+
+def check_verdicts(out: str, p, budget_gib: float) -> None:
+    """Both verdict lines state the plan's totals against the budget: fit, headroom in GiB and in percent."""
+    lines = verdicts(out)
+    expected = {"without checkpointing": p.model_states_bytes + p.activations_bytes,
+                "with checkpointing": p.model_states_bytes + p.activations_checkpointed_bytes}
+    assert set(lines) == set(expected)
+    for name, total_bytes in expected.items():
+        total, budget, verdict, headroom, percent = lines[name]
+        total_gib = total_bytes / GiB
+        assert total == pytest.approx(total_gib, abs=0.006) and budget == budget_gib
+        assert verdict == ("fits" if total_gib <= budget_gib else "does NOT fit")
+        assert headroom == pytest.approx(budget_gib - total_gib, abs=0.006)
+        assert abs(percent - 100 * (budget_gib - total_gib) / budget_gib) <= 0.5
 
 
 def test_fit_verdict_and_headroom(capsys):
@@ -78,22 +94,15 @@ def test_fit_verdict_and_headroom(capsys):
             "--gpus", "64", "--gpu-memory", "80"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    p = plan(PlanConfig(model="large", max_len=512, micro_batch=8, zero=2, precision="bf16", gpus=64))
     assert re.search(r"^large: 336\.2M parameters", out, re.M)
-    lines = verdicts(out)
-    expected = {"without checkpointing": p.model_states_bytes + p.activations_bytes,
-                "with checkpointing": p.model_states_bytes + p.activations_checkpointed_bytes}
-    assert set(lines) == set(expected)
-    for name, total_bytes in expected.items():
-        total, verdict, headroom = lines[name]
-        assert total == pytest.approx(total_bytes / GiB, abs=0.006)
-        assert headroom == pytest.approx(80 - total_bytes / GiB, abs=0.006)
-        assert verdict == "fits"
+    check_verdicts(out, plan(PlanConfig(model="large", max_len=512, micro_batch=8, zero=2, precision="bf16",
+                                        gpus=64)), 80)
+    assert {verdict for _, _, verdict, _, _ in verdicts(out).values()} == {"fits"}
     assert main(["--model", "large", "--micro-batch", "256", "--zero", "0", "--gpus", "1", "--gpu-memory",
                  "16"]) == 0
-    small = verdicts(capsys.readouterr().out)
-    assert {verdict for _, verdict, _ in small.values()} == {"does NOT fit"}
-    assert all(headroom == pytest.approx(16 - total, abs=0.011) and headroom < 0 for total, _, headroom in small.values())
+    out = capsys.readouterr().out
+    check_verdicts(out, plan(PlanConfig(model="large", micro_batch=256, zero=0, gpus=1, gpu_memory_gib=16)), 16)
+    assert {verdict for _, _, verdict, _, _ in verdicts(out).values()} == {"does NOT fit"}
 
 
 @pytest.mark.parametrize("args,message", [(["--model", "huge"], "unknown model"),

@@ -1,6 +1,5 @@
 """The recipes held to their reference code on small crafted corpora: d2l's paragraphs and random-sentence pool,
 Google's sentences, random next documents and whole-word masking, ALBERT's sentence order, and the --split names."""
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import pytest
 from bertds.data import ExampleConfig, build_examples, resolve_corpus
 from bertds.data.loader import table_columns
 from bertds.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import restore_masked
 
 
 def write_tokens(directory: Path, lines: list[str]) -> Path:
@@ -23,10 +21,7 @@ def write_tokens(directory: Path, lines: list[str]) -> Path:
 
 def read_pairs(columns: dict, vocab) -> list[tuple[list[str], list[str], int]]:
     """(A, B, label) of every example, the masked positions restored."""
-    tokens = columns["tokens"].copy()
-    rows = np.broadcast_to(np.arange(len(tokens))[:, None], columns["pred_positions"].shape)
-    real = columns["mlm_weights"] > 0
-    tokens[rows[real], columns["pred_positions"][real]] = columns["mlm_labels"][real]
+    tokens = restore_masked(columns)
     pairs = []
     for row, segments, n, label in zip(tokens, columns["segments"], columns["valid_len"], columns["nsp_label"]):
         words = [vocab.tokenizer.id_to_token(int(t)) for t in row[:n]]
@@ -67,14 +62,6 @@ def test_d2l_vocabulary_on_wikitext2_train_equals_d2ls_rule(prepared, wikitext_d
 
 
 # --- --split ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def prepare_cli():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "launcher" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
 
 def test_split_valid_is_validation_and_an_unknown_split_is_one_error_line(tmp_path, wikitext_dir, prepare_cli,
                                                                           capsys):

@@ -1,5 +1,6 @@
 """Faults a long pretraining run meets: kill -9, preemption signals, crashes while saving, divergence, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -107,17 +108,30 @@ def test_a_crash_while_saving_never_becomes_latest(reference, launch, wikitext_d
 
 def test_tracking_outputs(reference):
     run = reference[None]
-    metrics = read_metrics(run)
+    metrics, saved = read_metrics(run), json.loads((run / "train_config.json").read_text())
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    keys = ("mlm_loss", "nsp_loss", "mlm_accuracy", "lr", "loss_scale", "skipped_steps", "grad_norm",
-            "pairs_per_s", "tokens_per_s", "data_wait_pct")
-    assert all(k in m for m in metrics for k in keys)
-    assert metrics[-1]["mlm_accuracy"] > 0.0 and metrics[-1]["mlm_loss"] < metrics[0]["mlm_loss"]
+    max_len = saved["train"]["data"]["max_len"]
+    for m in metrics:
+        assert m["lr"] == saved["deepspeed"]["optimizer"]["params"]["lr"]  # tiny_cpu.json: a constant lr
+        assert m["loss_scale"] is None and m["skipped_steps"] == 0  # fp32: no loss scaler
+        assert 0 <= m["mlm_accuracy"] < 1 and 0 < m["grad_norm"] < math.inf and 0 <= m["data_wait_pct"] < 100
+        # Both rates divide by the step's seconds: their ratio is the mean length of the step's sentence pairs.
+        assert 5 <= m["tokens_per_s"] / m["pairs_per_s"] <= max_len
+    assert metrics[-1]["mlm_loss"] < metrics[0]["mlm_loss"] and metrics[-1]["mlm_accuracy"] > 0
+    result = saved["result"]  # one micro-batch per logged step: the run's losses are the means of the logged ones
+    assert result["steps"] == STEPS
+    assert result["mlm_loss"] == pytest.approx(sum(m["mlm_loss"] for m in metrics) / STEPS, rel=1e-6)
+    assert result["nsp_loss"] == pytest.approx(sum(m["nsp_loss"] for m in metrics) / STEPS, rel=1e-6)
+    heldout = read_metrics(run, "validation")  # evaluated once, at the end
+    assert [m["step"] for m in heldout] == [STEPS]
+    assert {k: v for k, v in heldout[0].items() if k not in ("step", "train_seconds")} == result["eval"]
+    assert math.isfinite(result["eval"]["mlm_loss"]) and result["eval"]["examples"] > 0
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wandb_files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1
     logged = wandb_files[0].read_bytes()
-    assert all(k.encode() in logged for k in ("mlm_loss", "nsp_loss", "mlm_accuracy", "tokens_per_s", "lr"))
+    assert all(k.encode() in logged for k in ("mlm_loss", "nsp_loss", "mlm_accuracy", "tokens_per_s", "lr",
+                                              "eval/mlm_loss"))
     assert b"train_batch_size" in logged  # the run config
 
 

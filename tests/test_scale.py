@@ -156,18 +156,24 @@ def test_fp16_dynamic_loss_scaling_skips_overflow_steps(process_group, prepared,
         "fp16": {"enabled": True, "initial_scale_power": 32, "loss_scale_window": 1000, "hysteresis": 1},
         "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}})
     batch = tiny_batch(prepared.examples, range(8))
-    scales, skipped = [engine.optimizer.loss_scale], []
-    before = [p.detach().float().clone() for p in engine.module.parameters()]
-    micro_step(engine, batch)  # 2^32 x loss overflows fp16 gradients
-    assert engine.skipped_steps == 1 and engine.optimizer.loss_scale == scales[0] / 2
-    assert all(torch.equal(a, p.detach().float()) for a, p in zip(before, engine.module.parameters()))
-    for _ in range(30):
+    overflows = 0
+    for _ in range(31):  # 2^32 x loss overflows fp16 gradients; each overflow halves the scale until one fits
+        scale, skipped = engine.optimizer.loss_scale, engine.skipped_steps
+        before = [p.detach().float().clone() for p in engine.module.parameters()]
         micro_step(engine, batch)
-        scales.append(engine.optimizer.loss_scale)
-        skipped.append(engine.skipped_steps)
-        if skipped[-1] == skipped[-2 if len(skipped) > 1 else -1] and len(skipped) > 1:
-            break  # a step that did not overflow
-    assert engine.optimizer.loss_scale < 2 ** 32 and engine.global_steps > engine.skipped_steps
+        after = [p.detach().float() for p in engine.module.parameters()]
+        if engine.skipped_steps == skipped + 1:  # skipped: the weights stay, the scale halves
+            overflows += 1
+            assert engine.optimizer.loss_scale == scale / 2
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            continue
+        assert engine.skipped_steps == skipped  # applied: the weights move, the scale stays (window of 1000 steps)
+        assert engine.optimizer.loss_scale == scale
+        assert not all(torch.equal(a, b) for a, b in zip(before, after))
+        break
+    else:
+        pytest.fail("every step overflowed")
+    assert overflows >= 1 and engine.skipped_steps == overflows and engine.global_steps == overflows + 1
     assert all(torch.isfinite(p).all() for p in engine.module.parameters())
 
 

@@ -6,9 +6,9 @@ import torch
 from bertds import Vocab
 from bertds.errors import UserError
 from bertds.tasks import LABELS, TokenizedPairs, load_classifier, load_split, read_nli_file
-from bertds.tasks.finetune import RankShard
+from bertds.tasks.finetune import FinetuneConfig, RankShard
 from bertds.tasks.synthetic import write_synthetic_snli
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, load_launcher
 from tests.pretrained_run import tiny_pretrained_run
 
 SNLI_DIR = SHARED_DATA / "snli"
@@ -157,6 +157,17 @@ def test_finetuning_without_a_train_split_exits_2(launch, tmp_path):
     result = launch("finetune_snli.py", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(data_dir))
     assert result.returncode == 2, result.log[-2000:]
     assert f"error: no train split in {data_dir}" in result.stderr
+
+
+def test_finetuning_flags_build_the_config_and_name_exactly_one_model():
+    finetune = load_launcher("finetune_snli.py")
+    cfg = finetune.parse_args(["--checkpoint", "run", "--train-split", "dev", "--eval-splits", "test", "--lr", "5e-4"])
+    assert cfg == FinetuneConfig(deepspeed_config=str(REPO / "ds_configs" / "finetune_snli.json"), checkpoint="run",
+                                 train_split="dev", eval_splits=["test"], lr=5e-4)
+    assert finetune.parse_args(["--init-from-hf", "hf"]).eval_splits == ["dev", "test"]
+    for args in ([], ["--checkpoint", "run", "--init-from-hf", "hf"]):
+        with pytest.raises(UserError, match="pass exactly one of --checkpoint RUN"):
+            finetune.parse_args(args)
 
 
 # --- the fine-tuned classifier leaves bertds ----------------------------------------------------------------------

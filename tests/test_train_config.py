@@ -1,16 +1,13 @@
 """Pretraining flags are validated when parsed (issue 13 §7): one UserError each, before anything starts."""
-import importlib.util
 import os
 
 import pytest
 
 from bertds.engine.runlock import RunLock
 from bertds.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import load_launcher
 
-spec = importlib.util.spec_from_file_location("pretrain_launcher", REPO / "launcher" / "pretrain.py")
-pretrain = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pretrain)
+pretrain = load_launcher("pretrain.py")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -49,3 +46,12 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(UserError, match="is a file"):
         RunLock(path).acquire()
+
+
+def test_a_bad_flag_is_said_once_by_a_two_rank_launch(launch, tmp_path):
+    # Every rank parses the flags and exits 2; the error is the same on each, so only launch rank 0 prints it.
+    result = launch("pretrain.py", "--max-steps", "0", "--output-dir", str(tmp_path), nproc=2, timeout=300)
+    assert result.returncode == 2, result.log[-2000:]
+    assert [line for line in result.log.splitlines() if "error: " in line] == [
+        "error: --max-steps 0 must be at least 1; pass a value >= 1"]
+    assert not any(tmp_path.iterdir())

@@ -49,9 +49,12 @@ class DataConfig:
                                     "stays at 0.15")
 
     def __post_init__(self) -> None:
-        if not MIN_MAX_LEN <= self.max_len <= MAX_MAX_LEN:
-            raise UserError(f"--max-len {self.max_len}: must be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B "
-                            f"<sep> needs {MIN_MAX_LEN} tokens to keep one in each segment)")
+        if self.max_len > MAX_MAX_LEN:
+            raise UserError(f"--max-len {self.max_len} exceeds the model's {MAX_MAX_LEN} positions; pass "
+                            f"{MAX_MAX_LEN} or less")
+        if self.max_len < MIN_MAX_LEN:
+            raise UserError(f"--max-len {self.max_len}: must be {MIN_MAX_LEN} or more (<cls> A <sep> B <sep> needs "
+                            f"{MIN_MAX_LEN} tokens to keep one in each segment)")
         if not 0 < self.mask_prob < 1:
             raise UserError(f"--mask-prob {self.mask_prob}: the share of tokens predicted must be between 0 and 1")
         if not 0 <= self.short_seq_prob <= 1:

@@ -10,18 +10,9 @@ import json
 import sys
 
 from bertds.encode import encode, pack
-from bertds.errors import UserError
+from bertds.errors import run_cli
 
 SHOWN_ELEMENTS = 8  # of the <cls> vector, in the plain-text output
-
-
-def load_model(path: str):
-    """(model, vocabulary) from a bertds checkpoint or a Hugging Face directory."""
-    from bertds.hf import is_hf_directory, load_hf_pretrained
-    if is_hf_directory(path):
-        return load_hf_pretrained(path)
-    from bertds.export import load_checkpoint
-    return load_checkpoint(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,23 +23,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="finished run directory, DeepSpeed checkpoint or Hugging Face BERT directory")
     parser.add_argument("--json", action="store_true", help="print tokens, segments and all vectors as JSON")
     args = parser.parse_args(argv)
-    try:
-        model, vocab = load_model(args.checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_cli(lambda: show(args))
+
+
+def show(args: argparse.Namespace) -> None:
+    from bertds.export import load_any
+    model, vocab = load_any(args.checkpoint)
     ids, segments = pack(vocab, args.text, args.pair)
     encoded = encode(model, vocab, args.text, args.pair)[0]
     tokens = [vocab.tokenizer.id_to_token(i) for i in ids]
     if args.json:
         print(json.dumps({"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape],
                           "vectors": encoded.tolist()}))
-        return 0
+        return
     print(f"tokens: {' '.join(tokens)}")
     print(f"shape: {tuple([1, *encoded.shape])}")
     shown = ", ".join(f"{x:.4f}" for x in encoded[0, :SHOWN_ELEMENTS].tolist())
     print(f"{tokens[0]} vector[:{SHOWN_ELEMENTS}]: [{shown}, ...]")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,7 @@ from bertds import safe_load
 from bertds.data.tokenizer import Vocab
 from bertds.engine import manifest
 from bertds.errors import UserError
+from bertds.fsutil import write_atomically
 from bertds.model import BertConfig
 
 CHECKPOINTS = "checkpoints"
@@ -176,6 +176,15 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def verified(found: Found, trust: bool = False, require_manifest: bool = True, use: str = "using") -> Path:
+    """The checkpoint of ``found`` to load (``first_verified``); the damaged ones passed over are said in a warning
+    ("...; ``use`` CHECKPOINT, the newest checkpoint that verifies"). Collective like ``verify``."""
+    checkpoint, passed_over = first_verified(found, trust, require_manifest)
+    if passed_over:
+        warn(f"{'; '.join(passed_over)}; {use} {checkpoint}, the newest checkpoint that verifies")
+    return checkpoint
+
+
 def find_checkpoint(output_dir: Path, resume: str | None, max_len: int | None = None,
                     trust: bool = False) -> Path | None:
     """The checkpoint directory to resume from, verified against its manifest on every rank: ``auto`` -> the one
@@ -191,14 +200,12 @@ def find_checkpoint(output_dir: Path, resume: str | None, max_len: int | None = 
         raise UserError(f"--resume {resume} is not a bertds checkpoint (no {manifest.MANIFEST}, {rank_file(0)} or "
                         f"'{LATEST}' file); pass --resume auto or a directory under OUTPUT/checkpoints/")
     try:
-        checkpoint, passed_over = first_verified(found, trust)
+        checkpoint = verified(found, trust, use="resuming from")
     except UserError as e:
         if resume != "auto" or (found.root / LATEST).exists():
             raise
         warn(f"{e}; no checkpoint was ever completed ('{LATEST}' is missing), so training starts from step 0")
         return None
-    if passed_over:
-        warn(f"{'; '.join(passed_over)}; resuming from {checkpoint}, the newest checkpoint that verifies")
     check_max_len(checkpoint, max_len)
     return checkpoint
 
@@ -289,9 +296,7 @@ def _write_rank_files(directory: Path, step: int, rank_state: dict, vocab: Vocab
 def _commit(root: Path, directory: Path, files: dict[str, dict], step: int, keep_last: int) -> None:
     """Rank 0: the manifest, then ``latest`` (atomically), then pruning."""
     manifest.write(directory, files, tag=directory.name, step=step, world_size=dist.get_world_size())
-    tmp = root / f"{LATEST}.tmp"
-    tmp.write_text(directory.name)
-    os.replace(tmp, root / LATEST)
+    write_atomically(root / LATEST, directory.name)
     _prune(root, keep_last, keep=directory.name)
 
 

@@ -23,6 +23,14 @@ def load_ds_config(path: str | Path) -> dict:
     return config
 
 
+def with_lr(ds_config: dict, lr: float | None) -> dict:
+    """``ds_config`` with its optimizer's lr set to ``lr`` (a ``--lr`` flag; None keeps the JSON's; no optimizer
+    section: DeepSpeed's Adam)."""
+    if lr is not None:
+        ds_config.setdefault("optimizer", {"type": "Adam", "params": {}}).setdefault("params", {})["lr"] = lr
+    return ds_config
+
+
 # Top-level sections and keys DeepSpeed reads (runtime/config.py and the feature configs it delegates to).
 DEEPSPEED_KEYS = frozenset("""
     train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print dump_state

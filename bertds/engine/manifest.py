@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from bertds import safe_load
+from bertds.fsutil import write_atomically
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -39,9 +40,8 @@ def describe_share(directory: Path, share: tuple[int, int]) -> dict[str, dict]:
 
 def write(directory: Path, files: dict[str, dict], **record) -> None:
     """Writes ``manifest.json`` (atomically: a reader sees no manifest or a whole one)."""
-    tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, **record, "files": dict(sorted(files.items()))}, indent=1) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+    write_atomically(directory / MANIFEST,
+                     json.dumps({"format": FORMAT, **record, "files": dict(sorted(files.items()))}, indent=1) + "\n")
 
 
 def read(directory: Path) -> dict | str:

@@ -1,7 +1,7 @@
 """Optimizer and schedule choices the DeepSpeed JSON names, with fallbacks where the accelerator lacks a kernel.
 
 - ``"Lamb"``: DeepSpeed's FusedLamb on CUDA; where it cannot build (CPU), the same algorithm in plain PyTorch.
-- ``"Adam"/"AdamW"`` on CPU: ``torch_adam`` (DeepSpeed's fused CPU kernel needs a ~70 s JIT build, same math).
+- ``"Adam"/"AdamW"`` on CPU: ``torch_adam`` (DeepSpeed's fused CPU kernel needs a JIT build first; same math).
 - ``"scheduler": {"type": "PolyWarmup"}``: NVIDIA's BERT schedule (linear warmup, then polynomial decay), which
   DeepSpeed does not ship; ``WarmupDecayLR`` without ``total_num_steps`` gets ``--max-steps``, and ``WarmupLR`` /
   ``WarmupDecayLR`` without ``warmup_max_lr`` peak at the optimizer's lr (``--lr``), not DeepSpeed's 0.001.

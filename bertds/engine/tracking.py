@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bertds.fsutil import write_atomically
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 TRAIN_SPLIT = "train"
@@ -41,7 +43,7 @@ class Tracker:
         if not self.active:
             return
         kept = [m for m in read_metrics(output_dir, None) if m["step"] <= resume_step] if resume_step else []
-        (self.output_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        write_atomically(self.output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
         if use_wandb:
             import wandb
             id_file = self.output_dir / WANDB_ID_FILE

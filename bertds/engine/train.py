@@ -30,7 +30,8 @@ from bertds.engine.checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from bertds.engine.config import load_ds_config, resolve_batch_sizes
+from bertds.engine.config import load_ds_config, resolve_batch_sizes, with_lr
+from bertds.engine.gathered import all_devices, write_full_weights
 from bertds.engine.host_memory import keep_freed_memory
 from bertds.engine.optim import adapt_optimization, parameter_groups
 from bertds.engine.preemption import PreemptionWatcher
@@ -38,7 +39,7 @@ from bertds.engine.runlock import RunLock
 from bertds.engine.step import GradientNorm, micro_step
 from bertds.engine.tracking import METRICS_FILE, WANDB_ID_FILE, Tracker
 from bertds.engine.train_config import TrainConfig
-from bertds.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, UserError, run_cli
+from bertds.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError, run_cli
 from bertds.evaluate import HeldOutEvaluation, describe, heldout_examples
 from bertds.hf import loaded_model_name
 from bertds.model import BertForPreTraining, get_config, num_parameters
@@ -51,10 +52,6 @@ RUN_CONFIG_FILE = "train_config.json"
 RUN_MARKERS = (RUN_CONFIG_FILE, METRICS_FILE, CHECKPOINTS, WEIGHTS_FILE)
 # What a run writes into --output-dir; --overwrite removes all of it, so nothing of the old run stays beside the new.
 RUN_OUTPUTS = (*RUN_MARKERS, CONFIG_FILE, TOKENIZER_FILE, "loss.png", WANDB_ID_FILE, "wandb")
-
-
-class TrainingDiverged(Exception):
-    exit_code = EXIT_DIVERGED
 
 
 class MetricSums:
@@ -107,9 +104,7 @@ class LogWindow:
 
 def build_ds_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed JSON, checked, with ``--lr`` applied; the model's positions checked against ``--max-len``."""
-    ds_config = load_ds_config(cfg.deepspeed_config)
-    if cfg.lr is not None:
-        ds_config.setdefault("optimizer", {"type": "Adam", "params": {}}).setdefault("params", {})["lr"] = cfg.lr
+    ds_config = with_lr(load_ds_config(cfg.deepspeed_config), cfg.lr)
     max_positions = get_config(cfg.model).max_position_embeddings
     if cfg.data.max_len > max_positions:
         raise UserError(f"--max-len {cfg.data.max_len} exceeds the model's {max_positions} positions; "
@@ -325,19 +320,20 @@ class Pretraining:
     def finish(self) -> dict:
         """The run's summary, the full fp32 weights (gathered, also under ZeRO-3) and train_config.json."""
         totals, engine, output_dir = self.state.totals, self.engine, Path(self.cfg.output_dir)
-        devices = [None] * self.world_size
-        dist.all_gather_object(devices, str(self.device))
+        devices = all_devices(self.device)
         result = {"mlm_loss": totals["mlm_loss"] / totals["micro_batches"],
                   "nsp_loss": totals["nsp_loss"] / totals["micro_batches"], "steps": self.state.step,
                   "pairs_per_s": self.state.step * engine.train_batch_size() / self.state.elapsed, "devices": devices,
                   "eval": self.evaluation.last if self.evaluation else None}
         self.tracker.print(f"MLM loss {result['mlm_loss']:.3f}, NSP loss {result['nsp_loss']:.3f}")
         self.tracker.print(f"{result['pairs_per_s']:.1f} sentence pairs/sec on [{', '.join(devices)}]")
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if self.tracker.active:
-                save_pretrained(engine.module.state_dict(), self.model_config, self.vocab, output_dir)
-                (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(
-                    {"train": asdict(self.cfg), "deepspeed": self.ds_config, "result": result}, indent=2) + "\n")
+
+        def write(state_dict: dict[str, torch.Tensor]) -> None:
+            save_pretrained(state_dict, self.model_config, self.vocab, output_dir)
+            (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(
+                {"train": asdict(self.cfg), "deepspeed": self.ds_config, "result": result}, indent=2) + "\n")
+
+        write_full_weights(engine, write)
         self.tracker.print(f"saved model, config and vocabulary to {output_dir}")
         return result
 
@@ -405,7 +401,7 @@ def main(cfg: TrainConfig) -> int:
     (a bug, a lost peer) is printed and ends this rank at once, without waiting on the others: their launcher then
     stops them."""
     try:
-        code = run_cli(lambda: EXIT_PREEMPTED if train(cfg).preempted else EXIT_OK, TrainingDiverged)
+        code = run_cli(lambda: EXIT_PREEMPTED if train(cfg).preempted else EXIT_OK)
     except BaseException:  # noqa: BLE001 - anything else, Ctrl-C included, must end this rank now, printed
         traceback.print_exc()
         report_exit_status(EXIT_FAILED)

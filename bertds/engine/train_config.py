@@ -11,8 +11,8 @@ from bertds.evaluate import EvalConfig
 from bertds.model import MODEL_PRESETS
 from bertds.options import option
 
-CHECKPOINT_FLAGS = ("save_interval", "keep_last", "resume", "trust_checkpoint", "overwrite", "stop_timeout")
-TRACKING_FLAGS = ("wandb", "wandb_project", "wandb_run_name")
+CHECKPOINT_OPTIONS = "checkpoints"  # --help sections
+TRACKING_OPTIONS = "tracking"
 
 
 @dataclass
@@ -35,18 +35,20 @@ class TrainConfig:
     init_from: str | None = option(None, "start from the weights of a finished run's --output-dir (two-phase)")
     init_from_hf: str | None = option(None, "start from a Hugging Face BERT directory (its config and weights; the "
                                             "data must use its tokenizer)")
-    save_interval: int = option(0, "steps between checkpoints (0: only at the end)")
-    keep_last: int = option(3, "checkpoints to keep (0: keep all)")
-    resume: str | None = option(None, "'auto' (latest checkpoint in --output-dir, if any) or a checkpoint path")
+    save_interval: int = option(0, "steps between checkpoints (0: only at the end)", group=CHECKPOINT_OPTIONS)
+    keep_last: int = option(3, "checkpoints to keep (0: keep all)", group=CHECKPOINT_OPTIONS)
+    resume: str | None = option(None, "'auto' (latest checkpoint in --output-dir, if any) or a checkpoint path",
+                                group=CHECKPOINT_OPTIONS)
     trust_checkpoint: bool = option(False, "resume from checkpoint files that need full unpickling (which can run "
-                                    "code): only for checkpoints from a source you trust")
+                                    "code): only for checkpoints from a source you trust", group=CHECKPOINT_OPTIONS)
     overwrite: bool = option(False, "replace the run in --output-dir (its checkpoints, metrics and weights are "
-                                    "removed once this run has started)")
+                                    "removed once this run has started)", group=CHECKPOINT_OPTIONS)
     stop_timeout: float = option(120.0, "after a stop signal, seconds a rank waits for its step to finish before "
-                                        "taking a peer for lost and exiting without a checkpoint")
-    wandb: bool = option(True, "do not log to Weights & Biases")
-    wandb_project: str = option("bertds", "Weights & Biases project")
-    wandb_run_name: str | None = option(None, "Weights & Biases run name")
+                                        "taking a peer for lost and exiting without a checkpoint",
+                                 group=CHECKPOINT_OPTIONS)
+    wandb: bool = option(True, "do not log to Weights & Biases", group=TRACKING_OPTIONS)
+    wandb_project: str = option("bertds", "Weights & Biases project", group=TRACKING_OPTIONS)
+    wandb_run_name: str | None = option(None, "Weights & Biases run name", group=TRACKING_OPTIONS)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pre_ln: bool = option(False, "pre-LayerNorm blocks plus a final LayerNorm (stable at higher learning rates; "
                                  "not exportable to Hugging Face)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +17,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bertds.data.tokenizer import Vocab
 from bertds.distributed import init_distributed, shutdown_distributed
-from bertds.engine.config import load_ds_config, resolve_batch_sizes
+from bertds.engine.config import load_ds_config, resolve_batch_sizes, with_lr
+from bertds.engine.gathered import all_devices, write_full_weights
 from bertds.engine.optim import adapt_optimization
 from bertds.engine.tracking import Tracker
-from bertds.errors import UserError
+from bertds.errors import UserError, run_cli
 from bertds.model import BertForPreTraining
+from bertds.options import option
 from bertds.tasks.classifier import BertClassifier, save_classifier
-from bertds.tasks.nli import LABELS, TokenizedPairs, load_split
+from bertds.tasks.nli import LABELS, SPLITS, TokenizedPairs, load_split
 
 BEST_DIR = "best"
 RESULT_FILE = "finetune_config.json"
@@ -36,25 +37,30 @@ class FinetuneConfig:
     defaults are d2l's SNLI recipe."""
 
     deepspeed_config: str
-    checkpoint: str | None = None  # a bertds run directory or DeepSpeed checkpoint
-    init_from_hf: str | None = None  # or a Hugging Face BERT directory
-    data_dir: str | None = None  # None: the hub dataset stanfordnlp/snli
-    train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("dev", "test")  # the best model is chosen on the first
-    max_len: int = 128
-    epochs: int = 5
-    batch_size: int | None = None  # global pairs per optimizer step; None: the JSON's train_batch_size
-    lr: float | None = None  # None: the JSON's optimizer lr
-    max_train_pairs: int | None = None  # a seeded random subset, for quick runs
-    max_eval_pairs: int | None = None
-    seed: int = 0
-    output_dir: str = "runs/finetune_snli"
+    checkpoint: str | None = option(None, "a pretraining run's --output-dir, or a DeepSpeed checkpoint of it")
+    init_from_hf: str | None = option(None, "or a Hugging Face BERT directory (e.g. bert-base-uncased)")
+    data_dir: str | None = option(None, "directory with SNLI's snli_1.0_{train,dev,test}.jsonl or .txt, or "
+                                        "{split}.tsv (label<TAB>premise<TAB>hypothesis); default: the hub")
+    train_split: str = option("train", "the split to train on", choices=list(SPLITS))
+    eval_splits: list[str] = option(help="evaluated after every epoch; the best model is chosen on the first",
+                                    choices=list(SPLITS), default_factory=lambda: ["dev", "test"])
+    max_len: int = option(128, "tokens per pair, <cls>/<sep> included; longer pairs are cut, longest sentence "
+                               "first")
+    epochs: int = option(5, "passes over the training split")
+    batch_size: int | None = option(None, "global pairs per optimizer step; default: from the JSON")
+    lr: float | None = option(None, "learning rate; default: from the JSON")
+    max_train_pairs: int | None = option(None, "train on a seeded random subset of this many pairs")
+    max_eval_pairs: int | None = option(None, "evaluate on a seeded random subset of this many pairs per split")
+    seed: int = option(0, "seed of the classifier's output layer, the subsets and the data order")
+    output_dir: str = option("runs/finetune_snli", "metrics.jsonl, best/, finetune_config.json")
+
+    def __post_init__(self) -> None:
+        if bool(self.checkpoint) == bool(self.init_from_hf):
+            raise UserError("pass exactly one of --checkpoint RUN (a bertds run) or --init-from-hf DIR (a Hugging "
+                            "Face BERT directory)")
 
 
 def load_backbone(cfg: FinetuneConfig) -> tuple[BertForPreTraining, Vocab]:
-    if bool(cfg.checkpoint) == bool(cfg.init_from_hf):
-        raise UserError("pass exactly one of --checkpoint RUN (a bertds run) or --init-from-hf DIR (a Hugging Face "
-                        "BERT directory)")
     if cfg.init_from_hf:
         from bertds.hf import load_hf_pretrained
         return load_hf_pretrained(cfg.init_from_hf)
@@ -97,9 +103,7 @@ def evaluate(engine, loader: DataLoader, device: torch.device) -> float:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Runs fine-tuning; returns the final epoch's record and the best one."""
-    ds_config = load_ds_config(cfg.deepspeed_config)
-    if cfg.lr is not None:
-        ds_config.setdefault("optimizer", {"type": "Adam", "params": {}}).setdefault("params", {})["lr"] = cfg.lr
+    ds_config = with_lr(load_ds_config(cfg.deepspeed_config), cfg.lr)
     if not cfg.eval_splits or cfg.train_split in cfg.eval_splits:
         raise UserError(f"evaluate on splits other than the training split '{cfg.train_split}'; pass e.g. "
                         "--train-split dev --eval-splits test")
@@ -168,10 +172,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         selected = f"{cfg.eval_splits[0]}_acc"
         if best is None or record[selected] > best[selected]:
             best = record
-            _save_best(engine, model, vocab, cfg, record, {s: p.source for s, p in eval_pairs.items()}, rank)
+            save_best(engine, model, vocab, cfg, record, {s: p.source for s, p in eval_pairs.items()})
 
-    devices = [None] * world_size
-    dist.all_gather_object(devices, str(device))
+    devices = all_devices(device)
     tracker.print(f"loss {record['loss']:.3f}, train acc {record['train_acc']:.3f}, "
                   + ", ".join(f"{s} acc {record[f'{s}_acc']:.3f}" for s in eval_loaders))
     tracker.print(f"{record['pairs_per_s']:.1f} pairs/sec on [{', '.join(devices)}]")
@@ -185,24 +188,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
     return result
 
 
-def _save_best(engine, model: BertClassifier, vocab: Vocab, cfg: FinetuneConfig, record: dict,
-               eval_sources: dict, rank: int) -> None:
+def save_best(engine, model: BertClassifier, vocab: Vocab, cfg: FinetuneConfig, record: dict,
+              eval_sources: dict) -> None:
+    """Collective: the classifier's whole weights (gathered, also under ZeRO-3) into OUTPUT/best on rank 0."""
     info = {"labels": list(LABELS), "max_len": cfg.max_len, "epoch": record["epoch"],
             "selected_on": cfg.eval_splits[0], "accuracies": {k: v for k, v in record.items() if k.endswith("_acc")},
             "eval_sources": eval_sources}
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        if rank == 0:  # full fp32 weights, also under ZeRO-3
-            save_classifier(engine.module.state_dict(), model.bert.config, vocab, info,
-                            Path(cfg.output_dir) / BEST_DIR)
+    write_full_weights(engine, lambda state_dict: save_classifier(state_dict, model.bert.config, vocab, info,
+                                                                  Path(cfg.output_dir) / BEST_DIR))
 
 
 def main(cfg: FinetuneConfig) -> int:
     """CLI entry: user errors print one line and exit 2."""
     try:
-        finetune(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return run_cli(lambda: finetune(cfg))
     finally:
         shutdown_distributed()
-    return 0
