@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import socket
 import subprocess
@@ -81,3 +82,12 @@ def process_group():
 @pytest.fixture(scope="session")
 def tiny_ds_config() -> Path:
     return REPO / "ds_configs" / "tiny_cpu.json"
+
+
+@pytest.fixture(scope="session")
+def prepare_cli():
+    """launcher/prepare_data.py's main(argv), run in this process."""
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "launcher" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

@@ -310,15 +310,6 @@ def test_training_prepares_a_raw_corpus_into_the_cache(tmp_path):
     assert first.path == second.path and second.from_cache and second.masking == first.masking
 
 
-@pytest.fixture(scope="module")
-def prepare_cli():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO_LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, prepare_cli, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

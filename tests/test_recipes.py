@@ -1,6 +1,5 @@
 """The recipes held to their reference code on small crafted corpora: d2l's paragraphs and random-sentence pool,
 Google's sentences, random next documents and whole-word masking, ALBERT's sentence order, and the --split names."""
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -67,14 +66,6 @@ def test_d2l_vocabulary_on_wikitext2_train_equals_d2ls_rule(prepared, wikitext_d
 
 
 # --- --split ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def prepare_cli():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "launcher" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
 
 def test_split_valid_is_validation_and_an_unknown_split_is_one_error_line(tmp_path, wikitext_dir, prepare_cli,
                                                                           capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +67,19 @@ class DataConfig:
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
-    """``path`` is a directory this process can write into, or can be created (checked before any work)."""
+    """``path`` is a directory this process can write into, or can be created (checked before any work). Tried
+    with a directory made and removed there: permission bits do not stop root, and some file systems (sysfs,
+    root-squashed NFS) refuse writes that ``access()`` allows."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a directory; pass a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable (read-only file system or permissions); pass "
-                        "a writable directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bertds-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {existing} is not writable ({e.strerror}); pass a writable directory"
+                        ) from None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
