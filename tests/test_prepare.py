@@ -191,10 +191,11 @@ def test_stale_preparation_directories_of_dead_processes_are_removed(small_corpu
     dead = preparation_dir(cache / "other-entry", f"{host}-{dead_pid}")
     live = preparation_dir(cache / "other-entry", f"{host}-{live_pid}")
     elsewhere = preparation_dir(cache / "other-entry", f"another-host-{dead_pid}")  # not checkable from here
-    for directory in (dead, live, elsewhere):
+    older = preparation_dir(cache / "older-entry", str(dead_pid))  # an older version's NAME.tmp-PID
+    for directory in (dead, live, elsewhere, older):
         (directory / SHARDS).mkdir(parents=True)
     prepare_pretraining_data(resolve_corpus([str(small_corpus)]), ExampleConfig(max_len=24), cache, min_freq=1)
-    assert not dead.exists() and live.is_dir() and elsewhere.is_dir()
+    assert not dead.exists() and not older.exists() and live.is_dir() and elsewhere.is_dir()
     assert not [p for p in cache.iterdir() if p not in (live, elsewhere) and ".tmp-" in p.name]
 
 

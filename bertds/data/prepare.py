@@ -225,12 +225,12 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_tmp(directory: Path, name: str = "") -> None:
     """Removes ``NAME.tmp-HOST-PID`` directories (any NAME when ``name`` is empty) of this host whose process has
-    died (another host's processes cannot be checked from here: theirs stay)."""
+    died (another host's processes cannot be checked from here: theirs stay), and older versions' ``NAME.tmp-PID``."""
     if not directory.is_dir():
         return
     for tmp in directory.glob(f"{name or '*'}{TMP_MARK}*"):
         host, _, pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")
-        if tmp.is_dir() and host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        if tmp.is_dir() and host in ("", socket.gethostname()) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
