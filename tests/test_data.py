@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from bertds.data import (ExampleConfig, PretrainingBatches, Vocab, build_examples, prepare_pretraining_data,
-                         resolve_corpus)
+from bertds.data import (DataConfig, ExampleConfig, PretrainingBatches, Vocab, build_examples,
+                         prepare_pretraining_data, resolve_corpus)
 from bertds.data.corpus import HUB_DATASET
 from bertds.data.d2l import paragraph_sentences
 from bertds.data.loader import table_columns
@@ -179,6 +179,24 @@ def test_over_long_pairs_are_dropped_or_truncated(tmp_path):
     assert len(truncated) == 160 and (d["valid_len"] == 10).all()
     pairs, _ = decode_pairs(truncated, vocab)
     assert all(len(a) + len(b) == 7 and abs(len(a) - len(b)) <= 1 for a, b in pairs)
+
+
+@pytest.mark.parametrize("recipe", ["d2l", "bert"])
+def test_max_len_4_is_refused_and_5_keeps_a_token_in_each_segment(tmp_path, recipe):
+    # 20 blank-line separated documents (the bert recipe's random next segments come from other documents)
+    documents = ["\n".join(" . ".join(f"p{d}{i} s{j} w{d} w{j}" for j in range(5)) for i in range(2))
+                 for d in range(20)]
+    (tmp_path / "documents.txt").write_text("\n\n".join(documents) + "\n")
+    source = resolve_corpus([str(tmp_path / "documents.txt")])
+    with pytest.raises(UserError, match="--max-len 4: must be in 5..512"):
+        DataConfig(max_len=4, truncate=True)
+    with pytest.raises(UserError, match="max_len must be in 5..512"):
+        build_examples(source, ExampleConfig(max_len=4, truncate=True, recipe=recipe), min_freq=1)
+    examples, _ = build_examples(source, ExampleConfig(max_len=5, truncate=True, recipe=recipe), min_freq=1)
+    d = as_numpy(examples)
+    len_a = (d["segments"] == 0).argmin(axis=1) - 2  # <cls> A <sep> is segment 0, B <sep> segment 1
+    len_b = d["valid_len"] - len_a - 3
+    assert len(examples) >= 100 and (len_a >= 1).all() and (len_b >= 1).all() and (d["valid_len"] == 5).all()
 
 
 # --- rank shards ----------------------------------------------------------------------------------------------

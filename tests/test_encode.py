@@ -2,12 +2,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from bertds import BertForPreTraining, encode, get_config, load_pretrained, save_pretrained
-from bertds.encode import pack
+from bertds import BertForPreTraining, Vocab, encode, get_config, load_pretrained, save_pretrained
+from bertds.encode import TruncatedInput, pack
+from bertds.errors import UserError
 from tests.conftest import DIST_ENV, REPO, wordpiece_vocab
 from tests.pretrained_run import tiny_pretrained_run
 
@@ -100,3 +102,45 @@ def test_cli_on_a_wordpiece_checkpoint(tmp_path):
     result = encode_cli("--checkpoint", str(tmp_path), "Cranes are flying")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[:2] == ["tokens: [CLS] crane ##s are fly ##ing [SEP]", "shape: (1, 7, 128)"]
+
+
+def short_model(vocab: Vocab, positions: int = 16) -> BertForPreTraining:
+    torch.manual_seed(0)
+    return BertForPreTraining(get_config("tiny", vocab_size=len(vocab), pad_token_id=vocab.pad_id,
+                                         max_position_embeddings=positions))
+
+
+def test_a_text_longer_than_the_positions_is_truncated_as_hugging_face_does_with_a_warning():
+    vocab = wordpiece_vocab()
+    model = short_model(vocab)
+    with pytest.warns(TruncatedInput, match="the input has 32 tokens with <cls>/<sep>, more than the model's 16 "):
+        encoded = encode(model, vocab, " ".join(["crane"] * 30))
+    assert encoded.shape == (1, 16, 128)
+    # Longest first, from the end, A first on ties: what BertTokenizer(...)(a, b, truncation=True, max_length=16)
+    # keeps (A 11 + B 2, and A 6 + B 7 of 10 + 10).
+    crane, a, driver = vocab.token_ids(["crane", "a", "driver"])
+    for first, second, kept in ((["crane"] * 20, ["a", "driver"], (11, 2)), (["crane"] * 10, ["a"] * 10, (6, 7))):
+        with pytest.warns(TruncatedInput):
+            ids, segments = pack(vocab, first, second, max_len=16)
+        assert ids == [vocab.cls_id, *[crane] * kept[0], vocab.sep_id, *vocab.token_ids(second)[:kept[1]],
+                       vocab.sep_id]
+        assert segments == [0] * (kept[0] + 2) + [1] * (kept[1] + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a text that fits: no warning
+        assert encode(model, vocab, ["crane"] * 14).shape == (1, 16, 128)
+    with pytest.raises(UserError, match="the input has 17 tokens with <cls>/<sep>, more than the model's 16 "
+                                        "positions; shorten it or pass truncation=True"):
+        encode(model, vocab, ["crane"] * 15, truncation=False)
+
+
+def test_cli_truncates_a_long_text_with_one_warning_line(tmp_path):
+    vocab = wordpiece_vocab()
+    model = short_model(vocab)
+    save_pretrained(model.state_dict(), model.config, vocab, tmp_path)
+    result = encode_cli("--checkpoint", str(tmp_path), " ".join(["crane"] * 30), "--pair", "a driver")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith(("warning:", "error:"))] == [
+        "warning: the input has 35 tokens with <cls>/<sep>, more than the model's 16 positions; truncated to 16 "
+        "(the longer text loses its last tokens first)"]
+    assert result.stdout.splitlines()[:2] == [f"tokens: [CLS] {' '.join(['crane'] * 11)} [SEP] a driver [SEP]",
+                                              "shape: (1, 16, 128)"]

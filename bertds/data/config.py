@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ class DataConfig:
             raise UserError(f"--max-len {self.max_len} exceeds the model's {MAX_MAX_LEN} positions; pass "
                             f"{MAX_MAX_LEN} or less")
         if self.max_len < MIN_MAX_LEN:
-            raise UserError(f"--max-len {self.max_len}: must be {MIN_MAX_LEN} or more (<cls> A <sep> B <sep> needs "
-                            f"{MIN_MAX_LEN} tokens to keep one in each segment)")
+            raise UserError(f"--max-len {self.max_len}: must be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B "
+                            f"<sep> needs {MIN_MAX_LEN} tokens to keep one in each segment)")
         if not 0 < self.mask_prob < 1:
             raise UserError(f"--mask-prob {self.mask_prob}: the share of tokens predicted must be between 0 and 1")
         if not 0 <= self.short_seq_prob <= 1:
@@ -69,15 +70,19 @@ class DataConfig:
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
-    """``path`` is a directory this process can write into, or can be created (checked before any work)."""
+    """``path`` is a directory this process can write into, or can be created (checked before any work). Tried
+    with a directory made and removed there: permission bits do not stop root, and some file systems (sysfs,
+    root-squashed NFS) refuse writes that ``access()`` allows."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a directory; pass a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable (read-only file system or permissions); pass "
-                        "a writable directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bertds-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {existing} is not writable ({e.strerror}); pass a writable directory"
+                        ) from None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -2,9 +2,9 @@
 every decision about preparing or reusing one: ``launcher/prepare_data.py``'s ``--out``, training's ``--prepared``,
 and the cache keyed by corpus and recipe, prepared by one process or, streaming, by every rank.
 
-A directory is written to ``NAME.tmp-PID`` and renamed when complete, so an interrupted preparation is never taken
-for a valid one; those of dead processes are removed. A damaged cache entry is prepared again, a damaged
-``--prepared`` or ``--out`` directory refused.
+A directory is written to ``NAME.tmp-HOST-PID`` and renamed when complete, so an interrupted preparation is never
+taken for a valid one; those of dead processes of this host are removed (a cache shared by several hosts keeps the
+others'). A damaged cache entry is prepared again, a damaged ``--prepared`` or ``--out`` directory refused.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -73,12 +74,17 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
     key = hashlib.sha256(json.dumps([corpus.fingerprint(), corpus.wikitext, choice.recipe()]).encode()).hexdigest()[:16]
     cached = cache_dir / "tokenizers" / f"{choice.spec}-{key}" if cache_dir else None
     if cached is not None and (cached / "tokenizer.json").is_file():
-        return Vocab.load(cached)
+        try:
+            return Vocab.load(cached)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            print(f"warning: cached tokenizer {cached} cannot be read ({str(e).splitlines()[0][:120]}); training "
+                  "it again", file=sys.stderr)
+            shutil.rmtree(cached, ignore_errors=True)
     unk = "[UNK]" if choice.spec == "wordpiece" else None
     vocab = build_vocab(choice.spec, corpus_texts(corpus, unk), choice.vocab_size, choice.min_freq)
     if cached is not None:
         remove_stale_tmp(cached.parent)
-        tmp = cached.with_name(f"{cached.name}{TMP_MARK}{os.getpid()}")
+        tmp = preparation_dir(cached, tmp_owner())
         tmp.mkdir(parents=True, exist_ok=True)
         vocab.save(tmp)
         try:
@@ -197,6 +203,16 @@ def finish(tmp: Path, path: Path, corpus: Corpus, vocab: Vocab, config: ExampleC
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def tmp_owner() -> str:
+    """This process, as named in its preparation directories: ``HOST-PID``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def preparation_dir(path: Path, owner: str) -> Path:
+    """Where ``owner`` (``HOST-PID``) prepares ``path`` before renaming it there."""
+    return path.with_name(f"{path.name}{TMP_MARK}{owner}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -208,12 +224,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_tmp(directory: Path, name: str = "") -> None:
-    """Removes ``NAME.tmp-PID`` directories (any NAME when ``name`` is empty) whose process has died."""
+    """Removes ``NAME.tmp-HOST-PID`` directories (any NAME when ``name`` is empty) of this host whose process has
+    died (another host's processes cannot be checked from here: theirs stay), and older versions' ``NAME.tmp-PID``."""
     if not directory.is_dir():
         return
     for tmp in directory.glob(f"{name or '*'}{TMP_MARK}*"):
-        pid = tmp.name.rpartition(TMP_MARK)[2]
-        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+        host, _, pid = tmp.name.rpartition(TMP_MARK)[2].rpartition("-")
+        if tmp.is_dir() and host in ("", socket.gethostname()) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -227,9 +244,20 @@ def reusable(path: Path, rebuild_damaged: bool) -> PreparedData | None:
     except DamagedData as e:
         if not rebuild_damaged:
             raise
-        print(f"warning: {e}: preparing it again", file=sys.stderr)
+        print(f"warning: cache entry {path} is damaged ({e.problem}); preparing it again", file=sys.stderr)
         shutil.rmtree(path)
         return None
+
+
+def check_target(path: Path) -> None:
+    """``path`` (with no prepared data in it) may be written: it is absent or an empty directory; anything else
+    there is the user's and stays."""
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists() or path.is_symlink():
+        kind = "a directory that is not prepared data" if path.is_dir() else "a file"
+        raise UserError(f"{path} is {kind}; nothing was written there: choose a new directory to write the "
+                        "prepared data to")
 
 
 def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path,
@@ -240,7 +268,9 @@ def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleCo
     found = reusable(path, rebuild_damaged)
     if found is not None:
         return found
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    if not rebuild_damaged:
+        check_target(path)
+    tmp = preparation_dir(path, tmp_owner())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _, vocab = write_examples(tmp, corpus, None, choice, config, streaming, cache_dir)
@@ -264,11 +294,11 @@ def build_examples(corpus: Corpus, config: ExampleConfig, min_freq: int = 5, tok
                    streaming: bool = False) -> tuple[datasets.Dataset, Vocab]:
     """Corpus -> vocabulary -> token ids -> examples, all in memory (no cache)."""
     choice = TokenizerChoice(tokenizer, vocab_size, min_freq)
+    check_recipe(config, streaming)
     if config.recipe == "d2l":
         columns, vocab = d2l_columns(corpus, None, choice, config, None)
         parts = [columns]
     else:
-        check_recipe(config, streaming)
         vocab = obtain_vocab(corpus, choice, None)
         parts = list(bert_chunks(corpus, vocab, config, streaming))
     if sum(len(part["tokens"]) for part in parts) == 0:
@@ -350,8 +380,7 @@ def prepare_ranks(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig
 
     on_rank0(cache_vocab, rank)  # rank 0 trains the tokenizer into the cache, the others then read it
     vocab = obtain_vocab(corpus, choice, cache)
-    owner = on_rank0(os.getpid, rank)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{owner}")
+    tmp = preparation_dir(path, on_rank0(tmp_owner, rank))
     write_examples(tmp, corpus, vocab, choice, config, True, cache, rank, world_size)
     dist.barrier()
 

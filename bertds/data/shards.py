@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from bertds.data.examples import ExampleConfig
 from bertds.data.masking import MaskingSpec
-from bertds.data.tokenizer import Vocab, describe_vocab
+from bertds.data.tokenizer import TOKENIZER_FILE, Vocab, describe_vocab
 from bertds.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,7 +28,13 @@ HASH_BLOCK = 1 << 24
 
 
 class DamagedData(UserError):
-    """A prepared directory whose files are not those its manifest describes (deleted, truncated or edited)."""
+    """A prepared directory whose files are not those its manifest describes (deleted, truncated or edited).
+    ``problem`` says what is wrong, without the fix: the cache rebuilds such an entry, a ``--prepared`` or ``--out``
+    directory is refused with the fix."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}; delete {path} and prepare the data again (launcher/prepare_data.py)")
+        self.path, self.problem = path, problem
 
 
 @dataclass
@@ -113,6 +119,9 @@ def seal(directory: Path, vocab: Vocab, fields: dict) -> int:
     return manifest["num_examples"]
 
 
+MANIFEST_KEYS = ("num_examples", "shards", "shard_bytes", "shard_sha256", "tokenizer_info", "max_len", "masking")
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest of a prepared directory, refused when it is missing, unreadable, of another format version or
     edited after preparation."""
@@ -122,38 +131,51 @@ def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DamagedData(f"{path}/{MANIFEST} is not valid JSON; delete {path} and prepare the data again") from None
+        raise DamagedData(path, f"{MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
         raise UserError(f"{path} was prepared by another bertds version (format "
                         f"{manifest.get('version') if isinstance(manifest, dict) else None}, now {FORMAT_VERSION}); "
                         "prepare it again")
     if manifest.get("checksum") != manifest_checksum(manifest):
-        raise DamagedData(f"{path}/{MANIFEST} was changed after preparation (its checksum differs); delete {path} "
-                          "and prepare the data again")
+        raise DamagedData(path, f"{MANIFEST} was changed after preparation (its checksum differs)")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DamagedData(path, f"{MANIFEST} lacks {', '.join(missing)}")
     return manifest
 
 
 def verify_shard(path: Path, name: str, manifest: dict) -> None:
     """The shard ``name`` exists with the size and SHA-256 the manifest records."""
     shard = path / SHARDS / name
-    fix = f"delete {path} and prepare the data again"
     if not shard.is_file():
-        raise DamagedData(f"{path}: shard {SHARDS}/{name} is missing; {fix}")
-    size, expected = shard.stat().st_size, manifest["shard_bytes"][name]
+        raise DamagedData(path, f"shard {SHARDS}/{name} is missing")
+    size, expected = shard.stat().st_size, manifest["shard_bytes"].get(name)
     if size != expected:
-        raise DamagedData(f"{path}: shard {SHARDS}/{name} has {size} bytes, not the {expected} it was written "
-                          f"with (truncated or replaced); {fix}")
-    if file_sha256(shard) != manifest["shard_sha256"][name]:
-        raise DamagedData(f"{path}: shard {SHARDS}/{name} does not match its checksum (corrupt); {fix}")
+        raise DamagedData(path, f"shard {SHARDS}/{name} has {size} bytes, not the {expected} it was written with "
+                                "(truncated or replaced)")
+    if file_sha256(shard) != manifest["shard_sha256"].get(name):
+        raise DamagedData(path, f"shard {SHARDS}/{name} does not match its SHA-256 checksum (corrupt)")
 
 
 def check_shape(path: Path, examples: datasets.Dataset, manifest: dict) -> None:
     """The rows are those the manifest describes: its example count and max_len (the shards' real shape)."""
     width = examples.features["tokens"].length
     if len(examples) != manifest["num_examples"] or width != manifest["max_len"]:
-        raise DamagedData(f"{path}: the shards hold {len(examples)} examples of {width} tokens, the manifest says "
-                          f"{manifest['num_examples']} of {manifest['max_len']}; delete {path} and prepare the data "
-                          "again")
+        raise DamagedData(path, f"the shards hold {len(examples)} examples of {width} tokens, the manifest says "
+                                f"{manifest['num_examples']} of {manifest['max_len']}")
+
+
+def load_vocab(path: Path, manifest: dict) -> Vocab:
+    """The directory's tokenizer, which must be the one its examples were made with."""
+    if not (path / TOKENIZER_FILE).is_file():
+        raise DamagedData(path, f"{TOKENIZER_FILE} is missing")
+    try:
+        vocab = Vocab.load(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+        raise DamagedData(path, f"{TOKENIZER_FILE} cannot be read ({str(e).splitlines()[0][:120]})") from None
+    if vocab.fingerprint() != manifest["tokenizer_info"].get("fingerprint"):
+        raise DamagedData(path, f"{TOKENIZER_FILE} is not the tokenizer its examples were made with")
+    return vocab
 
 
 def load_prepared(path: str | Path, from_cache: bool = True) -> PreparedData:
@@ -164,10 +186,7 @@ def load_prepared(path: str | Path, from_cache: bool = True) -> PreparedData:
     manifest = read_manifest(path)
     for name in manifest["shards"]:
         verify_shard(path, name, manifest)
-    vocab = Vocab.load(path)
-    if vocab.fingerprint() != manifest["tokenizer_info"]["fingerprint"]:
-        raise DamagedData(f"{path}/tokenizer.json is not the tokenizer its examples were made with; prepare the "
-                          "data again")
+    vocab = load_vocab(path, manifest)
     shards = [datasets.Dataset.from_file(str(path / SHARDS / name)) for name in manifest["shards"]]
     examples = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     check_shape(path, examples, manifest)

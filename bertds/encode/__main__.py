@@ -3,13 +3,15 @@
     python -m bertds.encode --checkpoint runs/pretrain "a crane is flying" [--pair "he just left"] [--json]
 
 ``--checkpoint`` is a finished run, a DeepSpeed checkpoint, or a Hugging Face BERT directory (e.g. one written by
-``python -m bertds.export``). Only the result goes to stdout; warnings and logs go to stderr.
+``python -m bertds.export``). Only the result goes to stdout; warnings and logs go to stderr. A text longer than the
+model's positions is truncated (longest first, as Hugging Face's ``truncation=True``) with a ``warning:`` line.
 """
 import argparse
 import json
 import sys
+import warnings
 
-from bertds.encode import encode, pack
+from bertds.encode import TruncatedInput, encode_ids, pack
 from bertds.errors import run_cli
 
 SHOWN_ELEMENTS = 8  # of the <cls> vector, in the plain-text output
@@ -29,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 def show(args: argparse.Namespace) -> None:
     from bertds.export import load_any
     model, vocab = load_any(args.checkpoint)
-    ids, segments = pack(vocab, args.text, args.pair)
-    encoded = encode(model, vocab, args.text, args.pair)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedInput)
+        ids, segments = pack(vocab, args.text, args.pair, model.config.max_position_embeddings)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    encoded = encode_ids(model, ids, segments)[0]
     tokens = [vocab.tokenizer.id_to_token(i) for i in ids]
     if args.json:
         print(json.dumps({"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape],

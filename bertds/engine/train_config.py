@@ -4,8 +4,10 @@ group starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bertds.data import DataConfig
+from bertds.data.config import check_writable_dir
 from bertds.errors import UserError
 from bertds.evaluate import EvalConfig
 from bertds.model import MODEL_PRESETS
@@ -71,3 +73,4 @@ class TrainConfig:
             raise UserError(f"--stop-timeout {self.stop_timeout} must be positive (seconds)")
         if self.overwrite and self.resume:
             raise UserError("--overwrite replaces the run in --output-dir and --resume continues it; pass one")
+        check_writable_dir(Path(self.output_dir).expanduser(), "--output-dir")
