@@ -64,7 +64,8 @@ def _ranks(me: psutil.Process) -> list[psutil.Process]:
     return [p for p, ppid in with_rank.values() if ppid not in with_rank]
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
+    """Running: not gone, not a zombie (ended, not yet collected by its parent)."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -110,12 +111,12 @@ def supervise(command: list[str]) -> int:
         while pending:
             signum = FORWARDED[pending.pop(0)]
             sent.append(signum)
-            targets = [p for p in ranks.values() if _alive(p)]
+            targets = [p for p in ranks.values() if alive(p)]
             if not targets and child.poll() is None:  # no rank (yet): a plain script is its own rank
                 targets = [psutil.Process(child.pid)]
             _send(targets, signum)
         _reap_adopted(me, child)
-        if child.poll() is not None and not any(_alive(p) for p in ranks.values()):
+        if child.poll() is not None and not any(alive(p) for p in ranks.values()):
             break
         time.sleep(POLL_SECONDS)
     reported = status_file.read_text().strip() if status_file.is_file() else None

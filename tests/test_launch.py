@@ -5,6 +5,7 @@ group, a supervised torchrun) saves a complete checkpoint and exits 75 only afte
 launcher was killed saves and stops; an exception on one rank ends all of them; a full disk while saving is one
 error line. All launches share the session's prepared dataset (tests/conftest.py)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from bertds.engine.checkpoint import LATEST, verify
 from bertds.engine.tracking import read_metrics
 from bertds.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER_ERROR
-from tests.conftest import REPO, free_port, launcher_env
+from tests.conftest import DIST_ENV, REPO, free_port, launcher_env
 
 TRAIN = ["--batch-size", "32", "--log-interval", "1", "--max-steps", "40", "--no-wandb", "--eval-examples", "64"]
 STOP_WITHIN = 120  # seconds a stopped or failed run may take to end: far below the 40 steps it would otherwise run
@@ -184,3 +185,65 @@ def test_an_exception_on_one_rank_ends_every_rank_with_the_traceback(wikitext_di
     assert "Traceback" in output and "RuntimeError: injected failure on rank 1 in micro-step 3" in output, \
         output[-3000:]
     assert not alive(rank_processes)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 MB tmpfs (a checkpoint of the tiny model is 36 MB); skipped where this user may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); run as root")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint(launch, wikitext_dir, small_disk):
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(bytes(68 << 20))  # leaves room for one checkpoint, not two
+    output_dir, checkpoints = small_disk / "run", small_disk / "run" / "checkpoints"
+    args = [*TRAIN, "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir), "--save-interval", "2"]
+    full = launch("pretrain.py", *args)
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert full.returncode == EXIT_USER_ERROR and len(errors) == 1, full.log[-3000:]
+    assert "no space left on device" in errors[0] and str(checkpoints / "step00000004") in errors[0], errors
+    assert "it needs about 36" in errors[0] and "MB" in errors[0], errors  # the size of the previous checkpoint
+    assert "Traceback" not in full.log
+    assert not (checkpoints / "step00000004").exists()  # the partial checkpoint is removed
+    assert (checkpoints / LATEST).read_text().strip() == "step00000002"
+    ballast.unlink()
+    resumed = launch("pretrain.py", *args, "--resume", "auto", "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.log[-3000:]
+    assert f"resumed from {checkpoints / 'step00000002'}" in resumed.log
+    assert verify(checkpoints / "step00000004") is None
+
+
+SBATCH = REPO / "launcher" / "slurm" / "pretrain_bert_large.sbatch"
+# Stands in for srun: srun passes the signals it receives to every task.
+STOPPABLE = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); print('ready', "
+             "flush=True); time.sleep(60)")
+
+
+def test_the_slurm_template_signals_every_rank_and_requeues_on_75():
+    text = SBATCH.read_text()
+    assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
+    assert re.search(r"^#SBATCH --signal=USR1@\d+$", text, re.M)  # to every task (rank); B: would reach bash only
+    assert "#SBATCH --requeue" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "python -m bertds.supervise -- srun --kill-on-bad-exit=1" in text
+    assert "exec python launcher/pretrain.py" in text and "--resume auto" in text
+    assert '[ "$rc" -ne 2 ] && [ "$rc" -ne 3 ]' in text  # bad input and divergence are not requeued
+
+
+def test_the_slurm_batch_shell_passes_a_signal_on_and_returns_the_status_of_the_ranks(tmp_path):
+    """The template's own lines from the background start to the wait loop, on a stand-in for srun's tasks."""
+    text = SBATCH.read_text()
+    waiting = text[text.index("supervisor=$!"):text.index("done\n", text.index("supervisor=$!")) + 5]
+    script = f"python -m bertds.supervise -- {sys.executable} -c \"{STOPPABLE}\" &\n{waiting}exit \"$rc\"\n"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    shell = subprocess.Popen(["bash", "-c", script], cwd=REPO, env={**env, "PATH": f"{Path(sys.executable).parent}:"
+                             f"{env['PATH']}"}, stdout=subprocess.PIPE, text=True)
+    assert shell.stdout.readline() == "ready\n"
+    shell.send_signal(signal.SIGUSR1)
+    assert shell.wait(timeout=60) == EXIT_PREEMPTED
