@@ -18,6 +18,7 @@ import pytest
 from bertds.engine.checkpoint import LATEST, verify
 from bertds.engine.tracking import read_metrics
 from bertds.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER_ERROR
+from bertds.supervise import alive as running
 from tests.conftest import DIST_ENV, REPO, free_port, launcher_env
 
 TRAIN = ["--batch-size", "32", "--log-interval", "1", "--max-steps", "40", "--no-wandb", "--eval-examples", "64"]
@@ -91,12 +92,7 @@ def deepspeed_launch(processes: list[psutil.Process]) -> psutil.Process:
 
 
 def alive(processes: list[psutil.Process]) -> list[str]:
-    def running(p):
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-    return [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in processes if running(p)]
+    return [f"{p.pid} {p.name()}" for p in processes if running(p)]
 
 
 def stopped_checkpoint(output_dir: Path) -> tuple[int, str | None]:
