@@ -9,8 +9,9 @@
   exits 1, torchrun exits 1. The ranks finish their step, save a checkpoint and exit 75.
 - The command runs in a session of its own, so Ctrl-C in a terminal or a kill of this process' group reaches this
   process only, once.
-- This process exits only after the command and every rank it has seen are gone (on Linux it adopts ranks whose
-  launcher died), with rank 0's exit status (75: stopped with a complete checkpoint; 0: finished; 2: bad input),
+- This process exits only after the command, every rank it has seen and every other process of the command's tree
+  are gone (on Linux it adopts ranks whose launcher died; what is left 30 s after the ranks ended is killed), with
+  rank 0's exit status (75: stopped with a complete checkpoint; 0: finished; 2: bad input),
   or the command's status when rank 0 reported none.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ STATUS_ENV = "BERTDS_SUPERVISE_STATUS"  # where rank 0 writes its exit status
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM,
              signal.SIGUSR1: signal.SIGUSR1}
 POLL_SECONDS = 0.2
+LEFTOVER_SECONDS = 30  # what a launcher may take to clean up after its ranks ended
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -64,7 +66,8 @@ def _ranks(me: psutil.Process) -> list[psutil.Process]:
     return [p for p, ppid in with_rank.values() if ppid not in with_rank]
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
+    """Running: not gone, not a zombie (ended, not yet collected by its parent)."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -88,6 +91,21 @@ def _send(processes: list[psutil.Process], signum: int) -> None:
             pass
 
 
+def _forward(pending: list[int], sent: list[int], ranks: dict, child: subprocess.Popen) -> None:
+    while pending:
+        signum = FORWARDED[pending.pop(0)]
+        sent.append(signum)
+        targets = [p for p in ranks.values() if alive(p)]
+        if not targets and child.poll() is None:  # no rank (yet): a plain script (or srun) is its own rank
+            targets = [psutil.Process(child.pid)]
+        _send(targets, signum)
+
+
+def _leftovers(me: psutil.Process) -> list[psutil.Process]:
+    """Descendants still running after the command and every rank ended (a launcher still cleaning up)."""
+    return [p for p in me.children(recursive=True) if alive(p)]
+
+
 def supervise(command: list[str]) -> int:
     _become_subreaper()
     pending: list[int] = []
@@ -98,25 +116,27 @@ def supervise(command: list[str]) -> int:
     try:
         child = subprocess.Popen(command, env={**os.environ, STATUS_ENV: str(status_file)}, start_new_session=True)
     except OSError as e:
+        shutil.rmtree(status_dir, ignore_errors=True)
         print(f"error: cannot run {command[0]} ({e.strerror}); check the command after --", file=sys.stderr)
         return 2
-    me, ranks, sent = psutil.Process(), {}, []
+    me, ranks, sent, ranks_ended = psutil.Process(), {}, [], None
     while True:
         for p in _ranks(me):
             if p.pid not in ranks:
                 ranks[p.pid] = p
                 for signum in sent:  # a rank that appeared after the signal
                     _send([p], signum)
-        while pending:
-            signum = FORWARDED[pending.pop(0)]
-            sent.append(signum)
-            targets = [p for p in ranks.values() if _alive(p)]
-            if not targets and child.poll() is None:  # no rank (yet): a plain script is its own rank
-                targets = [psutil.Process(child.pid)]
-            _send(targets, signum)
+        _forward(pending, sent, ranks, child)
         _reap_adopted(me, child)
-        if child.poll() is not None and not any(_alive(p) for p in ranks.values()):
-            break
+        if child.poll() is not None and not any(alive(p) for p in ranks.values()):
+            leftovers = _leftovers(me)
+            if not leftovers:
+                break
+            ranks_ended = ranks_ended or time.monotonic()
+            if time.monotonic() - ranks_ended > LEFTOVER_SECONDS:
+                print(f"bertds.supervise: killing what is left {LEFTOVER_SECONDS} s after the ranks ended: "
+                      f"{', '.join(str(p.pid) for p in leftovers)}", file=sys.stderr, flush=True)
+                _send(leftovers, signal.SIGKILL)
         time.sleep(POLL_SECONDS)
     reported = status_file.read_text().strip() if status_file.is_file() else None
     shutil.rmtree(status_dir, ignore_errors=True)

@@ -16,6 +16,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from bertds.supervise import STATUS_ENV, alive
+
 DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
 
 
@@ -31,6 +33,16 @@ def launcher_processes() -> list[psutil.Process]:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
     return [p for p in watched if p.pid > 1]
+
+
+def _warn_launcher_gone(pid: int) -> None:
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # once per machine
+        return
+    hint = "" if os.environ.get(STATUS_ENV) else (
+        "; nothing waits for this checkpoint (a signalled deepspeed command ends at once): start runs as "
+        "`python -m bertds.supervise -- deepspeed ...` (or torchrun), which exits 75 once every rank has saved")
+    print(f"warning: the launcher process {pid} is gone: saving a checkpoint and stopping{hint}", file=sys.stderr,
+          flush=True)
 
 
 class PreemptionWatcher:
@@ -79,8 +91,10 @@ class PreemptionWatcher:
 
     def _launcher_gone(self) -> bool:
         for process in self._launchers:
-            if not process.is_running():
-                self.reason = self.reason or f"the launcher process {process.pid} is gone"
+            if not alive(process):  # a zombie too: killed, not yet collected by its parent
+                if self.reason is None:
+                    self.reason = f"the launcher process {process.pid} is gone"
+                    _warn_launcher_gone(process.pid)
                 return True
         return False
 

@@ -408,6 +408,6 @@ def main(cfg: TrainConfig) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_FAILED)
+    report_exit_status(code)  # now: a late stop signal may end this rank while it waits for its peers to leave
     shutdown_distributed(wait_for_peers=code in (EXIT_OK, EXIT_PREEMPTED))
-    report_exit_status(code)
     return code
