@@ -17,11 +17,12 @@ Each side first times a few steps to size its run to the budget (its schedule de
 then trains; both are scored by ``bertds.evaluate.score`` on the same held-out examples (WikiText-2 validation,
 masks at 15%) during the run, the evaluation time left out of the budget. Printed: the two curves (held-out MLM
 accuracy against training seconds) and the headline: the time bertds needs to reach Hugging Face's final held-out
-MLM accuracy, as a fraction of Hugging Face's budget.
+MLM accuracy (and loss), as a fraction of Hugging Face's training time.
 
 ``--equal-steps N`` checks that the comparison is fair instead: both sides train N steps with the same math
 (post-LN, NSP, masks at 15%, fp32, ``HF_SETTINGS`` and the same schedule on both) and are printed at equal steps,
-where the same held-out accuracy is expected up to the noise of data order and dropout.
+where the same held-out loss is expected up to the noise of data order and dropout (the accuracy too, once past
+the frequent-token regime, where it is the share of whichever token the model predicts everywhere).
 """
 from __future__ import annotations
 
