@@ -226,13 +226,15 @@ def report_budget(bertds_curve: list[dict], hf_curve: list[dict], budget: float)
             print(f"bertds did not reach Hugging Face's final held-out MLM {name} within its budget")
         else:
             print(f"bertds reaches Hugging Face's final held-out MLM {name} after {reached:.0f} s: "
-                  f"{reached / hf_seconds:.3f} of Hugging Face's training time (1/{hf_seconds / max(reached, 1e-9):.1f})")
+                  f"{reached / hf_seconds:.3f} of Hugging Face's training time "
+                  f"(1/{hf_seconds / max(reached, 1e-9):.1f})")
 
 
 def report_equal_steps(bertds_curve: list[dict], hf_curve: list[dict]) -> None:
     by_step = {p["step"]: p for p in bertds_curve}
     print("\nat equal steps, same math (post-LN, NSP, masks at 15%, fp32, the same optimizer and schedule)")
-    print(f"{'step':>6} {'HF acc':>8} {'bertds acc':>10} {'HF loss':>8} {'bertds loss':>11} {'HF s':>7} {'bertds s':>9}")
+    print(f"{'step':>6} {'HF acc':>8} {'bertds acc':>10} {'HF loss':>8} {'bertds loss':>11} {'HF s':>7} "
+          f"{'bertds s':>9}")
     for p in hf_curve:
         if p["step"] in by_step:
             b = by_step[p["step"]]
