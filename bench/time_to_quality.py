@@ -7,7 +7,7 @@ Both sides train the same BERT shape on the same examples (``launcher/prepare_da
 bert``, max_len 128, the same pairs and tokens), one after the other, for ``--budget-s`` training seconds each:
 
 - bertds: ``launcher/pretrain.py`` with its small-budget recipe, ``ds_configs/small_budget.json`` plus
-  ``BERTDS_FLAGS`` (pre-LN, MLM only, no dropout), masks at ``BERTDS_MASK_PROB``;
+  ``BERTDS_FLAGS``, masks at ``BERTDS_MASK_PROB``;
 - Hugging Face: ``transformers.BertForPreTraining`` + ``transformers.Trainer`` (its AdamW, linear warmup and decay,
   dataloader and loop) with ``HF_SETTINGS``, in bf16 mixed precision where the CPU has bf16 (Hugging Face's CPU
   training guide: ``bf16=True, use_cpu=True``); the labels in its conventions (-100 where nothing is predicted,
@@ -46,7 +46,7 @@ from bertds.evaluate import HELDOUT_PREFIX, score  # noqa: E402
 from bertds.model import BertForPreTraining, get_config  # noqa: E402
 
 BERTDS_RECIPE = REPO / "ds_configs" / "small_budget.json"
-BERTDS_FLAGS = ("--pre-ln", "--sentence-task", "none", "--dropout", "0")
+BERTDS_FLAGS: tuple[str, ...] = ()  # post-LN, NSP, dropout 0.1: ahead of pre-LN/MLM-only/no dropout here
 BERTDS_MASK_PROB = 0.15  # 0.3 costs 1.44x per step at this shape (the MLM head dominates) for less than it gains
 # Hugging Face's side: AdamW with RoBERTa's betas/eps, linear warmup then decay to 0, clipping 1.0, no decay on
 # biases and LayerNorm (the Trainer's default grouping); the batch of bertds' recipe. Post-LN BERT at lr 1e-3.
