@@ -17,9 +17,9 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import deepspeed
 import torch
@@ -28,8 +28,18 @@ from deepspeed.accelerator import get_accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import d2l_book  # noqa: E402
 from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
-from bench.throughput import (STEPS, BenchConfig, achieved, build_model, check, ds_config, load_batches,  # noqa: E402
-                              model_flops, run_cli, split_parameters)
+from bench.throughput import (  # noqa: E402
+    STEPS,
+    BenchConfig,
+    achieved,
+    build_model,
+    check,
+    ds_config,
+    load_batches,
+    model_flops,
+    run_cli,
+    split_parameters,
+)
 from bertds.distributed import init_distributed  # noqa: E402
 from bertds.errors import UserError  # noqa: E402
 from bertds.model import MODEL_PRESETS  # noqa: E402
@@ -87,6 +97,7 @@ def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Ba
 def hf_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contender | None:
     try:
         import transformers
+
         from bertds.hf import to_hf_config, to_hf_state_dict
     except ImportError:
         return None

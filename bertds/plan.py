@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bertds.data.examples import MASK_RATE
 from bertds.errors import UserError
 from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config, num_parameters
-from bertds.data.examples import MASK_RATE
 
 GiB = 2 ** 30
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bertds import encode, load_pretrained
-from bertds.errors import UserError
 from bertds.engine import load_ds_config, resolve_batch_sizes
+from bertds.errors import UserError
 from bertds.model import BertForPreTraining, get_config
 
 SEED_LINES = (re.compile(r"^MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}$", re.M),

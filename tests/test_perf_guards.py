@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bertds.model import BertForPreTraining, get_config
-from bertds.model.heads import _LinearCrossEntropy
 from bertds.model.cpu_fastpath import Dropout, attention
+from bertds.model.heads import _LinearCrossEntropy
 from bertds.model.layers import BertSelfAttention, TokenLayout, key_padding_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

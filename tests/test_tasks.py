@@ -182,9 +182,9 @@ def saved_classifier(tmp_path):
 
 def test_a_fine_tuned_classifier_exports_to_bert_for_sequence_classification(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tests.hf_loading import LEGACY_PYTHON, legacy_report
     from bertds.encode import pack
     from bertds.export import main as export_main
+    from tests.hf_loading import LEGACY_PYTHON, legacy_report
     classifier, vocab = saved_classifier(tmp_path)
     assert export_main(["--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(tmp_path / "hf")]) == 0
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()

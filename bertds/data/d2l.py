@@ -9,8 +9,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertds.data.corpus import Corpus
-from bertds.data.examples import (POOL_WORKERS, ExampleConfig, PairRanges, finish_examples, truncate_longest_first,
-                                  worker_pool)
+from bertds.data.examples import (
+    POOL_WORKERS,
+    ExampleConfig,
+    PairRanges,
+    finish_examples,
+    truncate_longest_first,
+    worker_pool,
+)
 from bertds.data.tokenizer import Vocab, segment_arange
 from bertds.errors import UserError
 

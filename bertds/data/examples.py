@@ -76,7 +76,7 @@ class PairRanges:
     b_len: np.ndarray
     label: np.ndarray  # nsp_label: NSP 1 = B follows A in the document; SOP 0 = in order, 1 = swapped
 
-    def select(self, keep: np.ndarray | slice) -> "PairRanges":
+    def select(self, keep: np.ndarray | slice) -> PairRanges:
         return PairRanges(*(getattr(self, f)[keep] for f in ("a_start", "a_len", "b_start", "b_len", "label")))
 
 

@@ -27,8 +27,17 @@ from bertds.data.config import MAX_MAX_LEN, MIN_MAX_LEN, DataConfig
 from bertds.data.corpus import Corpus, resolve_corpus
 from bertds.data.d2l import corpus_paragraphs, d2l_examples
 from bertds.data.examples import ExampleConfig
-from bertds.data.shards import (FORMAT_VERSION, MANIFEST, SHARDS, DamagedData, PreparedData, in_memory_dataset,
-                                load_prepared, seal, write_shards)
+from bertds.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARDS,
+    DamagedData,
+    PreparedData,
+    in_memory_dataset,
+    load_prepared,
+    seal,
+    write_shards,
+)
 from bertds.data.tokenizer import D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab, tokenizer_recipe
 from bertds.errors import UserError
 

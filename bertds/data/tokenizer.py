@@ -59,14 +59,14 @@ class Vocab:
         self.special_ids = sorted(ids.values())
 
     @classmethod
-    def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> "Vocab":
+    def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> Vocab:
         # Counted here rather than with tokenizers' WordLevelTrainer: that trainer gives a corpus word equal to
         # a special token (WikiText is full of "<unk>") a second id and leaves a hole at the special's id.
         return cls.from_word_counts(Counter(word for sentence in sentences for word in sentence.lower().split()),
                                     min_freq)
 
     @classmethod
-    def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> "Vocab":
+    def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> Vocab:
         """d2l's vocabulary from lower-cased word counts: the reserved tokens, then words by falling count."""
         reserved = list(D2L_SPECIAL_TOKENS.values())
         words = sorted(w for w, n in counts.items() if n >= min_freq and w not in reserved)
@@ -79,7 +79,7 @@ class Vocab:
 
     @classmethod
     def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
-                        lowercase: bool = True) -> "Vocab":
+                        lowercase: bool = True) -> Vocab:
         """WordPiece trained on ``texts`` with BERT's normaliser and pre-tokenizer; exactly ``vocab_size`` tokens
         unless the corpus is too small to make that many (then a UserError says so)."""
         if vocab_size <= len(BERT_RESERVED):
@@ -95,7 +95,7 @@ class Vocab:
         return vocab
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocab":
+    def from_file(cls, path: str | Path) -> Vocab:
         """A BERT ``vocab.txt`` (one token per line, id = line number) or a ``tokenizer.json``."""
         path = Path(path)
         if not path.is_file():
@@ -181,7 +181,7 @@ class Vocab:
         self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Vocab":
+    def load(cls, directory: str | Path) -> Vocab:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise UserError(f"no {TOKENIZER_FILE} in {directory}; point at a directory written by bertds")

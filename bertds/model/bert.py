@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertds.model.config import BertConfig
-from bertds.model.heads import BertMLMHead, BertNSPHead
 from bertds.model.cpu_fastpath import eager_cpu
+from bertds.model.heads import BertMLMHead, BertNSPHead
 from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout
 
 
