@@ -31,10 +31,10 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.d2l_data_reference import load_data_wiki  # noqa: E402
-from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resolve_corpus  # noqa: E402
-from bertds.data.loader import table_columns  # noqa: E402
-from bertds.data.prepare import TokenizerChoice, prepare_directory  # noqa: E402
+from bench.d2l_data_reference import load_data_wiki
+from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resolve_corpus
+from bertds.data.loader import table_columns
+from bertds.data.prepare import TokenizerChoice, prepare_directory
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"

@@ -27,9 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import d2l_book  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
-from bertds.model import get_config  # noqa: E402
+from bench import d2l_book
+from bertds.errors import UserError
+from bertds.model import get_config
 
 PAIRS_LINE = re.compile(r"^([\d.]+) sentence pairs/sec", re.M)
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+ \| mlm ([\d.]+) \| nsp ([\d.]+)", re.M)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bertds.data import ExampleConfig, build_examples, resolve_corpus  # noqa: E402
-from bertds.data.loader import table_columns  # noqa: E402
+from bertds.data import ExampleConfig, build_examples, resolve_corpus
+from bertds.data.loader import table_columns
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 UNUSED_BY_BERT_DATA = {"torchvision": ["transforms"], "IPython": ["display"], "scipy": ["spatial"],

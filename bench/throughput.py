@@ -24,11 +24,11 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus  # noqa: E402
-from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from bertds.engine import micro_step  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
-from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config  # noqa: E402
+from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus
+from bertds.distributed import init_distributed, shutdown_distributed
+from bertds.engine import micro_step
+from bertds.errors import UserError
+from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config
 
 
 @dataclass
@@ -96,7 +96,9 @@ class Prefetcher:
 def split_parameters(model: BertForPreTraining) -> tuple[int, int]:
     """(weights applied to every token: encoder layers, pooler, NSP; weights applied per prediction slot: MLM head
     with the tied decoder). Embedding tables are lookups, not matmuls, and are left out."""
-    unique = lambda module: {id(p): p.numel() for p in module.parameters()}  # noqa: E731
+    def unique(module: torch.nn.Module) -> dict[int, int]:
+        return {id(p): p.numel() for p in module.parameters()}
+
     per_token = sum(unique(model.bert.encoder).values()) + sum(unique(model.bert.pooler).values())
     per_token += sum(unique(model.nsp).values())
     return per_token, sum(unique(model.mlm).values())

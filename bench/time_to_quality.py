@@ -33,10 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bertds.data import load_prepared  # noqa: E402
-from bertds.engine.tracking import read_metrics  # noqa: E402
-from bertds.evaluate import HELDOUT_PREFIX, score  # noqa: E402
-from bertds.model import BertForPreTraining, get_config  # noqa: E402
+from bertds.data import load_prepared
+from bertds.engine.tracking import read_metrics
+from bertds.evaluate import HELDOUT_PREFIX, score
+from bertds.model import BertForPreTraining, get_config
 
 RECIPE = REPO / "ds_configs" / "small_budget.json"
 CALIBRATION_STEPS = 3  # the first step also warms up; the others are timed

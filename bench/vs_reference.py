@@ -26,9 +26,9 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import d2l_book  # noqa: E402
-from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
-from bench.throughput import (  # noqa: E402
+from bench import d2l_book
+from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss
+from bench.throughput import (
     STEPS,
     BenchConfig,
     achieved,
@@ -40,9 +40,9 @@ from bench.throughput import (  # noqa: E402
     run_cli,
     split_parameters,
 )
-from bertds.distributed import init_distributed  # noqa: E402
-from bertds.errors import UserError  # noqa: E402
-from bertds.model import MODEL_PRESETS  # noqa: E402
+from bertds.distributed import init_distributed
+from bertds.errors import UserError
+from bertds.model import MODEL_PRESETS
 
 Batch = dict[str, torch.Tensor]
 
@@ -86,7 +86,8 @@ def replica_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contend
 
 def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Batch) -> Contender:
     source = build_model(cfg, vocab_size, pad_id)
-    net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch)).to(get_accelerator().current_device_name())
+    net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch))
+    net = net.to(get_accelerator().current_device_name())
     unmapped = d2l_book.load_bertds_weights(net, source.state_dict())
     print(f"d2l {d2l_book.d2l_version()}: bertds' initial weights copied into d2l.BERTModel except {unmapped} "
           "(no counterpart); d2l's own ReLU, LayerNorm eps 1e-5, untied decoder")

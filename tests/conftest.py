@@ -34,7 +34,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(wikitext_dir, cache_dir):
     from bertds.data import ExampleConfig, prepare_pretraining_data, resolve_corpus
-    return prepare_pretraining_data(resolve_corpus(None, str(wikitext_dir)), ExampleConfig(max_len=64, seed=0), cache_dir)
+    corpus = resolve_corpus(None, str(wikitext_dir))
+    return prepare_pretraining_data(corpus, ExampleConfig(max_len=64, seed=0), cache_dir)
 
 
 # Set in this process by in-process engine tests; a launched child must not inherit them.

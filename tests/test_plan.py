@@ -97,7 +97,8 @@ def test_fit_verdict_and_headroom(capsys):
                  "16"]) == 0
     small = verdicts(capsys.readouterr().out)
     assert {verdict for _, verdict, _ in small.values()} == {"does NOT fit"}
-    assert all(headroom == pytest.approx(16 - total, abs=0.011) and headroom < 0 for total, _, headroom in small.values())
+    assert all(headroom == pytest.approx(16 - total, abs=0.011) and headroom < 0
+               for total, _, headroom in small.values())
 
 
 @pytest.mark.parametrize("args,message", [(["--model", "huge"], "unknown model"),

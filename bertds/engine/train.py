@@ -376,7 +376,8 @@ def train(cfg: TrainConfig) -> RunState:
                       f"{'cached' if data.from_cache else 'prepared'} at {data.path}")
         tracker.print(f"model: {cfg.model}, {num_parameters(model) / 1e6:.1f}M parameters; world size {world_size}, "
                       f"micro batch {engine.train_micro_batch_size_per_gpu()}, accumulation "
-                      f"{engine.gradient_accumulation_steps()}" + (f"; resumed from {checkpoint}" if checkpoint else ""))
+                      f"{engine.gradient_accumulation_steps()}"
+                      + (f"; resumed from {checkpoint}" if checkpoint else ""))
         evaluation = build_evaluation(cfg, data, engine, device, rank, world_size)
         if evaluation is None:
             tracker.print(f"eval: no held-out text ('{cfg.eval.split}' split of the corpus); pass --eval-corpus")
