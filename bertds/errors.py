@@ -20,8 +20,9 @@ class UserError(Exception):
 def run_cli(command: Callable[[], int | None], *errors: type[Exception]) -> int:
     """Runs a command-line entry point: a UserError (or one of ``errors``, which must carry ``exit_code``) becomes
     one ``error:`` line on stderr and its exit code; anything else propagates as a traceback (a bug)."""
+    handled: tuple[type[Exception], ...] = (UserError, *errors)
     try:
         return command() or EXIT_OK
-    except (UserError, *errors) as e:
+    except handled as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_USER_ERROR)

@@ -100,7 +100,7 @@ def supervise(command: list[str]) -> int:
     except OSError as e:
         print(f"error: cannot run {command[0]} ({e.strerror}); check the command after --", file=sys.stderr)
         return 2
-    me, ranks, sent = psutil.Process(), {}, []
+    me, ranks, sent = psutil.Process(), {}, list[signal.Signals]()
     while True:
         for p in _ranks(me):
             if p.pid not in ranks:
@@ -108,7 +108,7 @@ def supervise(command: list[str]) -> int:
                 for signum in sent:  # a rank that appeared after the signal
                     _send([p], signum)
         while pending:
-            signum = FORWARDED[pending.pop(0)]
+            signum = FORWARDED[signal.Signals(pending.pop(0))]
             sent.append(signum)
             targets = [p for p in ranks.values() if _alive(p)]
             if not targets and child.poll() is None:  # no rank (yet): a plain script is its own rank

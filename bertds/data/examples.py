@@ -143,8 +143,9 @@ def finish_examples(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, config: Ex
     a generator seeded by (seed, k), so the result does not depend on the thread count."""
     masking = None if config.dynamic_masking else config.masking(vocab)
     n, max_len = len(pairs.label), config.max_len
-    columns = {"tokens": np.empty((n, max_len), dtype=np.int32), "segments": np.empty((n, max_len), dtype=np.int8),
-               "valid_len": np.empty(n, dtype=np.int32), "nsp_label": pairs.label.astype(np.int8)}
+    columns: dict[str, np.ndarray] = {
+        "tokens": np.empty((n, max_len), dtype=np.int32), "segments": np.empty((n, max_len), dtype=np.int8),
+        "valid_len": np.empty(n, dtype=np.int32), "nsp_label": pairs.label.astype(np.int8)}
     if masking is not None:
         slots = masking.max_predictions
         columns.update(pred_positions=np.empty((n, slots), dtype=np.int32),

@@ -130,7 +130,7 @@ def document_windows(chunks: Iterable[TokenizedChunk], reach: int | None
                      ) -> Iterator[tuple[list[TokenizedChunk], int, int]]:
     """(window, position of chunk k in it, k) for every chunk k: the window holds the chunks k - reach .. k + reach
     (all chunks when reach is None), so at most 2 * reach + 1 are in memory."""
-    stream, window = iter(chunks), deque()
+    stream, window = iter(chunks), deque[TokenizedChunk]()
     first = done = 0  # corpus index of window[0]; chunks before `done` have been yielded
     exhausted = False
     while True:
@@ -262,7 +262,8 @@ def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleCo
 def cache_path(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, cache_dir: Path) -> Path:
     recipe = recipe_of(corpus, choice, config)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    name = (corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]) or "corpus"
+    # A corpus without files is a hub corpus.
+    name = (corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]) or "corpus"  # type: ignore[index]
     return cache_dir / f"{name}-{corpus.split}-{config.recipe}-len{config.max_len}-{key}"
 
 

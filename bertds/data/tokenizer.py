@@ -16,6 +16,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -54,9 +55,10 @@ class Vocab:
         missing = [special_tokens[role] for role, i in ids.items() if i is None]
         if missing:
             raise UserError(f"tokenizer lacks the special tokens {missing}; build it with bertds")
+        found = cast(dict[str, int], ids)  # every role has an id (checked above)
         self.unk_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = (
-            ids["unk"], ids["pad"], ids["mask"], ids["cls"], ids["sep"])
-        self.special_ids = sorted(ids.values())
+            found["unk"], found["pad"], found["mask"], found["cls"], found["sep"])
+        self.special_ids = sorted(found.values())
 
     @classmethod
     def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> Vocab:
@@ -86,8 +88,8 @@ class Vocab:
             raise UserError(f"--vocab-size {vocab_size} leaves no room beside BERT's {len(BERT_RESERVED)} "
                             "reserved tokens; use e.g. 30522")
         wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
-        wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=BERT_RESERVED,
-                                      show_progress=False)
+        wordpiece.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=2,
+                                      special_tokens=[*BERT_RESERVED], show_progress=False)
         vocab = cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
         if len(vocab) != vocab_size:
             raise UserError(f"the corpus only supports a WordPiece vocabulary of {len(vocab)} tokens, not "
@@ -171,8 +173,7 @@ class Vocab:
 
     def token_ids(self, tokens: list[str]) -> list[int]:
         """Ids of already-split tokens (d2l's ``vocab[tokens]``); unknown tokens map to the unknown id."""
-        return [self.tokenizer.token_to_id(t) if self.tokenizer.token_to_id(t) is not None else self.unk_id
-                for t in tokens]
+        return [i if (i := self.tokenizer.token_to_id(t)) is not None else self.unk_id for t in tokens]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]

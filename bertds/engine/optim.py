@@ -75,7 +75,7 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]  # named_parameters/parameters yield a tied one once
     decay = [p for p in params if id(p) not in no_decay_ids]
     no_decay = [p for p in params if id(p) in no_decay_ids]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
 

@@ -48,7 +48,7 @@ class Tracker:
             run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
-                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())
+                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())  # type: ignore[arg-type]  # WANDB_MODE as set; wandb checks it
 
     def log(self, record: dict, wandb_prefix: str = "", unlogged: tuple[str, ...] = ("step",)) -> None:
         """A metrics.jsonl line, and the record's other keys (``wandb_prefix`` + key) to wandb."""

@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from bertds.data import PretrainingBatches, prepare_for_training
-from bertds.data.tokenizer import TOKENIZER_FILE
+from bertds.data.tokenizer import TOKENIZER_FILE, Vocab
 from bertds.distributed import check_master_port, init_distributed, launch_rank, shutdown_distributed
 from bertds.engine.checkpoint import (
     CHECKPOINTS,
@@ -40,7 +40,7 @@ from bertds.engine.train_config import TrainConfig
 from bertds.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, UserError, run_cli
 from bertds.evaluate import HeldOutEvaluation, describe, heldout_examples
 from bertds.hf import loaded_model_name
-from bertds.model import BertForPreTraining, get_config, num_parameters
+from bertds.model import BertConfig, BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
 from bertds.supervise import report_exit_status
 
@@ -211,19 +211,18 @@ class Pretraining:
 
     cfg: TrainConfig
     ds_config: dict
-    engine: object
-    model_config: object
-    vocab: object
+    engine: deepspeed.DeepSpeedEngine
+    model_config: BertConfig
+    vocab: Vocab
     batches: PretrainingBatches
     tracker: Tracker
     evaluation: HeldOutEvaluation | None
     device: torch.device
     world_size: int
-    state: RunState = field(default_factory=RunState)
-    sums: MetricSums | None = None
+    state: RunState
+    sums: MetricSums
 
     def __post_init__(self):
-        self.sums = self.sums or MetricSums(self.device)
         self.grad_norm = GradientNorm(self.engine)
 
     def loop(self, watcher: PreemptionWatcher) -> None:
@@ -322,7 +321,7 @@ class Pretraining:
     def finish(self) -> dict:
         """The run's summary, the full fp32 weights (gathered, also under ZeRO-3) and train_config.json."""
         totals, engine, output_dir = self.state.totals, self.engine, Path(self.cfg.output_dir)
-        devices = [None] * self.world_size
+        devices = [""] * self.world_size
         dist.all_gather_object(devices, str(self.device))
         result = {"mlm_loss": totals["mlm_loss"] / totals["micro_batches"],
                   "nsp_loss": totals["nsp_loss"] / totals["micro_batches"], "steps": self.state.step,
