@@ -1,3 +1,4 @@
+import inspect
 import os
 import socket
 import subprocess
@@ -8,6 +9,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Markers (registered in pyproject.toml) from what a test uses, so that the fast tests run with
+#   python -m pytest tests -m "not slow and not multiprocess"
+MULTIPROCESS_FIXTURES = {"launch", "prepare_cli"}  # launched commands (deepspeed launcher, torchrun, command lines)
+ENGINE_FIXTURES = {"process_group"}  # DeepSpeed engines built in the test process
+HF_FILES = {"test_export.py", "test_pretrain_from_hf.py"}  # import transformers or need its exports throughout
+HF_WORDS = ("transformers", "export_main", "save_hf", "_hf")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        source = inspect.getsource(item.function) if isinstance(item, pytest.Function) else ""
+        if fixtures & MULTIPROCESS_FIXTURES or "subprocess." in source:
+            item.add_marker(pytest.mark.multiprocess)
+            item.add_marker(pytest.mark.slow)
+        elif fixtures & ENGINE_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if item.path.name in HF_FILES or any(word in source for word in HF_WORDS):
+            item.add_marker(pytest.mark.hf)
 
 
 def free_port() -> int:
