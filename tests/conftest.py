@@ -18,11 +18,19 @@ HF_FILES = {"test_export.py", "test_pretrain_from_hf.py"}  # import transformers
 HF_WORDS = ("transformers", "export_main", "save_hf", "_hf")
 
 
+def runs_a_subprocess(function) -> bool:
+    """The test, or a function of its module that it calls, starts a subprocess."""
+    source = inspect.getsource(function)
+    helpers = [f for name, f in vars(inspect.getmodule(function)).items()
+               if inspect.isfunction(f) and f is not function and f"{name}(" in source]
+    return any("subprocess." in inspect.getsource(f) for f in (function, *helpers))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         source = inspect.getsource(item.function) if isinstance(item, pytest.Function) else ""
-        if fixtures & MULTIPROCESS_FIXTURES or "subprocess." in source:
+        if fixtures & MULTIPROCESS_FIXTURES or (source and runs_a_subprocess(item.function)):
             item.add_marker(pytest.mark.multiprocess)
             item.add_marker(pytest.mark.slow)
         elif fixtures & ENGINE_FIXTURES:
