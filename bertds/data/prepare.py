@@ -263,7 +263,8 @@ def cache_path(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, c
     recipe = recipe_of(corpus, choice, config)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     # A corpus without files is a hub corpus.
-    name = (corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]) or "corpus"  # type: ignore[index]
+    source = corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]  # type: ignore[index]
+    name = source or "corpus"
     return cache_dir / f"{name}-{corpus.split}-{config.recipe}-len{config.max_len}-{key}"
 
 
@@ -343,7 +344,7 @@ def on_rank0(work: Callable[[], T], rank: int) -> T:
             raise UserError(message)
     if error is not None:
         raise error
-    return result  # type: ignore[return-value]
+    return result  # type: ignore[return-value]  # rank 0's result: set, or an error was raised
 
 
 def prepare_ranks(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path, cache: Path,

@@ -6,6 +6,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -14,10 +15,10 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 TRAIN_SPLIT = "train"
 
 
-def _wandb_mode() -> str:
+def _wandb_mode() -> Literal["online", "offline", "disabled", "shared"]:
     """WANDB_MODE when set; otherwise online only with credentials, so a machine without them still logs (offline)."""
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        return os.environ["WANDB_MODE"]  # type: ignore[return-value]  # as the user set it; wandb.init checks it
     netrc = Path.home() / ".netrc"
     logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     return "online" if logged_in else "offline"
@@ -48,7 +49,7 @@ class Tracker:
             run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
-                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())  # type: ignore[arg-type]  # WANDB_MODE as set; wandb checks it
+                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())
 
     def log(self, record: dict, wandb_prefix: str = "", unlogged: tuple[str, ...] = ("step",)) -> None:
         """A metrics.jsonl line, and the record's other keys (``wandb_prefix`` + key) to wandb."""

@@ -67,8 +67,9 @@ class MLMDecoder(nn.Linear):
     instead of the logits."""
 
     # The override differs from nn.Linear's on purpose: given labels it returns (loss, correct), not logits.
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,  # type: ignore[override]
-                scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if labels is None:
             return super().forward(x)
         return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale, torch.is_grad_enabled())
