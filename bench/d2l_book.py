@@ -154,11 +154,12 @@ class BookTrainer:
         tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = batch
         self.trainer.zero_grad()
         start = time.perf_counter()
-        mlm_l, nsp_l, l = self.d2l._get_batch_loss_bert(self.net, self.loss, self.vocab_size, tokens_X, segments_X,
-                                                        valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y)
-        l.backward()
+        mlm_l, nsp_l, total_l = self.d2l._get_batch_loss_bert(self.net, self.loss, self.vocab_size, tokens_X,
+                                                              segments_X, valid_lens_x, pred_positions_X,
+                                                              mlm_weights_X, mlm_Y, nsp_y)
+        total_l.backward()
         self.trainer.step()
         float(mlm_l.detach()), float(nsp_l.detach())  # the book's metric.add(mlm_l, nsp_l, ...) reads both
         self.timer_s += time.perf_counter() - start
         self.pairs += tokens_X.shape[0]
-        return l.detach()
+        return total_l.detach()

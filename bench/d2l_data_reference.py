@@ -10,7 +10,6 @@ import random
 
 import torch
 
-
 # --- d2l helpers (d2l/torch.py) ----------------------------------------------------------------------------------
 
 def tokenize(lines, token="word"):
@@ -54,7 +53,7 @@ def get_tokens_and_segments(tokens_a, tokens_b=None):
 # --- d2l section 15.9 --------------------------------------------------------------------------------------------
 
 def read_wiki(file_name):
-    with open(file_name, "r") as f:
+    with open(file_name) as f:
         lines = f.readlines()
     paragraphs = [line.strip().lower().split(" . ") for line in lines if len(line.split(" . ")) >= 2]
     random.shuffle(paragraphs)

@@ -51,6 +51,7 @@ def nli_data(args, work: Path) -> tuple[list[str], str, bool]:
 def random_init_like(pretrained: Path, directory: Path, seed: int) -> Path:
     """A run directory with the pretrained run's config and vocabulary and freshly initialised weights."""
     import torch
+
     from bertds import BertForPreTraining, load_pretrained, save_pretrained
     model, vocab = load_pretrained(pretrained)
     torch.manual_seed(seed)

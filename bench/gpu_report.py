@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,7 +135,8 @@ def check_main_job(sizes: Sizes, data_dir: str | None, ranks: int) -> Check:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bertds-gpu-report-") as out:
         cmd = [*launcher(ranks), str(ROOT / "launcher" / "pretrain.py"), "--no-wandb", "--output-dir", out,
-               "--max-steps", str(sizes.main_steps), "--eval-examples", str(sizes.eval_examples), "--log-interval", str(max(1, sizes.main_steps // 3))]
+               "--max-steps", str(sizes.main_steps), "--eval-examples", str(sizes.eval_examples),
+               "--log-interval", str(max(1, sizes.main_steps // 3))]
         cmd += ["--data-dir", data_dir] if data_dir else []
         cmd += ["--batch-size", str(sizes.main_batch)] if sizes.main_batch else []
         proc = run_subprocess(cmd, timeout=300)
@@ -312,7 +314,7 @@ def check_mlm_loss(sizes: Sizes, data_dir: str | None) -> Check:
     (loss_f, grads_f), (loss_l, grads_l) = results[True], results[False]
     grad_diff = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads_f, grads_l))
     loss_diff = abs(loss_f - loss_l) / abs(loss_l)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    median = statistics.median_high
     figures = {"loss_fused": loss_f, "loss_logits": loss_l, "loss_rel_diff": loss_diff, "grad_max_rel_diff": grad_diff,
                "fused_ms": 1e3 * median(times[True]), "logits_ms": 1e3 * median(times[False])}
     return Check("fused MLM loss vs logits (bf16)", verdict(loss_diff < 1e-2 and grad_diff < 5e-2), figures,

@@ -14,6 +14,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,9 @@ class Prefetcher:
 def split_parameters(model: BertForPreTraining) -> tuple[int, int]:
     """(weights applied to every token: encoder layers, pooler, NSP; weights applied per prediction slot: MLM head
     with the tied decoder). Embedding tables are lookups, not matmuls, and are left out."""
-    unique = lambda module: {id(p): p.numel() for p in module.parameters()}  # noqa: E731
+    def unique(module: torch.nn.Module) -> dict[int, int]:
+        return {id(p): p.numel() for p in module.parameters()}
+
     per_token = sum(unique(model.bert.encoder).values()) + sum(unique(model.bert.pooler).values())
     per_token += sum(unique(model.nsp).values())
     return per_token, sum(unique(model.mlm).values())

@@ -18,9 +18,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 # As launcher/pretrain.py sets it for the main job, before torch loads OpenMP; every contender runs in this process,
 # so all of them get it, and keep_freed_memory below (set OMP_WAIT_POLICY to compare another policy).
@@ -82,7 +82,8 @@ def replica_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contend
 
 def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Batch) -> Contender:
     source = build_model(cfg, vocab_size, pad_id)
-    net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch)).to(get_accelerator().current_device_name())
+    net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch))
+    net = net.to(get_accelerator().current_device_name())
     unmapped = d2l_book.load_bertds_weights(net, source.state_dict())
     print(f"d2l {d2l_book.d2l_version()}: bertds' initial weights copied into d2l.BERTModel except {unmapped} "
           "(no counterpart); d2l's own ReLU, LayerNorm eps 1e-5, untied decoder")
@@ -93,6 +94,7 @@ def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Ba
 def hf_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contender | None:
     try:
         import transformers
+
         from bertds.hf import to_hf_config, to_hf_state_dict
     except ImportError:
         return None

@@ -23,8 +23,15 @@ from bertds.data.tokenizer import Vocab
 from bertds.engine.checkpoint import LATEST, locate, verified
 from bertds.errors import UserError, run_cli
 from bertds.model import BertConfig, BertForPreTraining
-from bertds.model_card import (FINETUNE_RECORD, RUN_RECORD, classifier_card, pretraining_card, read_record,
-                               trained_max_len, write_model_card)
+from bertds.model_card import (
+    FINETUNE_RECORD,
+    RUN_RECORD,
+    classifier_card,
+    pretraining_card,
+    read_record,
+    trained_max_len,
+    write_model_card,
+)
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 from bertds.tasks.classifier import CLASSIFIER_FILE, load_classifier
 

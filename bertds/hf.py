@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, processors
@@ -19,6 +20,9 @@ from tokenizers import Tokenizer, processors
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 from bertds.model import BertConfig, BertForPreTraining
+
+if TYPE_CHECKING:
+    from bertds.tasks.classifier import BertClassifier
 
 VOCAB_TXT = "vocab.txt"
 TOKENIZER_JSON = "tokenizer.json"
@@ -57,9 +61,9 @@ def require_transformers():
     return transformers
 
 
-def weight_names(config: BertConfig) -> dict[str, str | tuple[str, str, str]]:
+def weight_names(config: BertConfig) -> dict[str, str | tuple[str, ...]]:
     """Every bertds weight name -> its modeling_bert name (a (query, key, value) triple for a fused qkv)."""
-    names: dict[str, str | tuple[str, str, str]] = {}
+    names: dict[str, str | tuple[str, ...]] = {}
     for module in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         names[f"bert.embeddings.{module}.weight"] = f"bert.embeddings.{module}.weight"
     modules = {"bert.embeddings.LayerNorm": "bert.embeddings.LayerNorm", "bert.pooler.dense": "bert.pooler.dense",
@@ -76,7 +80,7 @@ def weight_names(config: BertConfig) -> dict[str, str | tuple[str, str, str]]:
     return names
 
 
-def classifier_weight_names(config: BertConfig) -> dict[str, str | tuple[str, str, str]]:
+def classifier_weight_names(config: BertConfig) -> dict[str, str | tuple[str, ...]]:
     """``BertClassifier`` (encoder, pooler, output layer) -> ``BertForSequenceClassification``."""
     encoder = {ours: theirs for ours, theirs in weight_names(config).items() if ours.startswith("bert.")}
     return {**encoder, **CLASSIFIER_NAMES}
@@ -220,7 +224,7 @@ def save_hf(model: BertForPreTraining, vocab: Vocab, directory: str | Path, max_
     return _save(hf_model, vocab, directory, max_len or model.config.max_position_embeddings)
 
 
-def save_hf_classifier(classifier: torch.nn.Module, vocab: Vocab, labels: list[str], directory: str | Path,
+def save_hf_classifier(classifier: BertClassifier, vocab: Vocab, labels: list[str], directory: str | Path,
                        max_len: int) -> str:
     """A fine-tuned ``BertClassifier`` as a ``transformers.BertForSequenceClassification`` directory, with its
     labels as ``id2label`` / ``label2id``. Returns the tokenizer class (see ``save_hf``)."""

@@ -63,7 +63,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
                 groups[group] = parser.add_argument_group(group)
             section = groups[group]
         value_type, is_list = _value_type(hints[f.name])
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]  # option() sets one
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"], "default": default}
         if value_type is bool:
             name = flag_name(f, prefix) if not default else (

@@ -143,7 +143,9 @@ def plan(cfg: PlanConfig) -> Plan:
 
 
 def report(cfg: PlanConfig, p: Plan) -> str:
-    gib = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
+    def gib(size: float) -> str:
+        return f"{size / GiB:8.2f} GiB"
+
     budget = cfg.gpu_memory_gib * GiB
     lines = [f"{cfg.model}: {p.parameters / 1e6:.1f}M parameters (largest layer {p.largest_layer / 1e6:.1f}M), "
              f"max_len {cfg.max_len}, micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}"

@@ -26,7 +26,7 @@ def allowed_classes() -> list[type]:
 
 
 def _load_weights_only(path: Path, map_location, mmap: bool):
-    with torch.serialization.safe_globals(allowed_classes()):
+    with torch.serialization.safe_globals([*allowed_classes()]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as e:
@@ -37,7 +37,7 @@ def _load_weights_only(path: Path, map_location, mmap: bool):
 
 def _unsafe_globals(path: Path) -> str:
     try:
-        with torch.serialization.safe_globals(allowed_classes()):
+        with torch.serialization.safe_globals([*allowed_classes()]):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (RuntimeError, ValueError):  # a legacy-format file: torch's scanner reads only zip files
         names = []

@@ -11,6 +11,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Markers (registered in pyproject.toml) from what a test uses, so that the fast tests run with
+#   python -m pytest tests -m "not slow and not multiprocess"
+MULTIPROCESS_FIXTURES = {"launch", "prepare_cli"}  # launched commands (deepspeed launcher, torchrun, command lines)
+ENGINE_FIXTURES = {"process_group"}  # DeepSpeed engines built in the test process
+HF_FILES = {"test_export.py", "test_pretrain_from_hf.py"}  # import transformers or need its exports throughout
+HF_WORDS = ("transformers", "export_main", "save_hf", "_hf")
+
+
+def runs_a_subprocess(function) -> bool:
+    """The test, or a function of its module that it calls, starts a subprocess."""
+    source = inspect.getsource(function)
+    helpers = [f for name, f in vars(inspect.getmodule(function)).items()
+               if inspect.isfunction(f) and f is not function and f"{name}(" in source]
+    return any("subprocess." in inspect.getsource(f) for f in (function, *helpers))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        source = inspect.getsource(item.function) if isinstance(item, pytest.Function) else ""
+        if fixtures & MULTIPROCESS_FIXTURES or (source and runs_a_subprocess(item.function)):
+            item.add_marker(pytest.mark.multiprocess)
+            item.add_marker(pytest.mark.slow)
+        elif fixtures & ENGINE_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if item.path.name in HF_FILES or any(word in source for word in HF_WORDS):
+            item.add_marker(pytest.mark.hf)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -36,7 +64,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(wikitext_dir, cache_dir):
     from bertds.data import ExampleConfig, prepare_pretraining_data, resolve_corpus
-    return prepare_pretraining_data(resolve_corpus(None, str(wikitext_dir)), ExampleConfig(max_len=64, seed=0), cache_dir)
+    corpus = resolve_corpus(None, str(wikitext_dir))
+    return prepare_pretraining_data(corpus, ExampleConfig(max_len=64, seed=0), cache_dir)
 
 
 # Set in this process by in-process engine tests; a launched child must not inherit them.

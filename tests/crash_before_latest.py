@@ -22,7 +22,6 @@ def main() -> None:
         return replace(src, dst, *args, **kwargs)
 
     os.replace = replace_or_die
-    sys.path.insert(0, str(REPO))
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 

@@ -97,7 +97,8 @@ def test_same_seed_gives_same_examples_and_another_seed_differs(wikitext_dir):
 
 
 def test_second_prepare_reads_the_cache(prepared, wikitext_dir, cache_dir):
-    again = prepare_pretraining_data(resolve_corpus(None, str(wikitext_dir)), ExampleConfig(max_len=64, seed=0), cache_dir)
+    corpus = resolve_corpus(None, str(wikitext_dir))
+    again = prepare_pretraining_data(corpus, ExampleConfig(max_len=64, seed=0), cache_dir)
     assert again.from_cache and again.path == prepared.path
     assert len(again.examples) == len(prepared.examples)
     assert np.array_equal(as_numpy(again.examples)["tokens"], as_numpy(prepared.examples)["tokens"])

@@ -10,8 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 from datasets.distributed import split_dataset_by_node
 
-from bertds.data import (DataConfig, ExampleConfig, PretrainingBatches, TokenizerChoice, Vocab, build_examples,
-                         prepare_directory, prepare_for_training, resolve_corpus)
+from bertds.data import (
+    DataConfig,
+    ExampleConfig,
+    PretrainingBatches,
+    TokenizerChoice,
+    Vocab,
+    build_examples,
+    prepare_directory,
+    prepare_for_training,
+    resolve_corpus,
+)
 from bertds.data.loader import BatchSource, rank_range, table_columns
 from bertds.data.masking import special_positions
 from bertds.data.prepare import corpus_texts

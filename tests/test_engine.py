@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bertds import encode, load_pretrained
-from bertds.errors import UserError
 from bertds.engine import load_ds_config, resolve_batch_sizes
+from bertds.errors import UserError
 from bertds.model import BertForPreTraining, get_config
 
 SEED_LINES = (re.compile(r"^MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}$", re.M),
@@ -59,8 +59,9 @@ def test_malformed_or_missing_ds_config_is_a_user_error(tmp_path):
 def test_pretraining_loss_ignores_padded_prediction_slots(return_logits):
     torch.manual_seed(0)
     model = BertForPreTraining(get_config("tiny", vocab_size=7, dropout=0.0, attention_dropout=0.0)).eval()
-    batch = {"tokens": torch.tensor([[3, 5, 6, 4, 1], [3, 6, 4, 5, 4]]), "segments": torch.tensor([[0, 0, 0, 0, 0],
-             [0, 0, 0, 1, 1]]), "valid_len": torch.tensor([4, 5]), "pred_positions": torch.tensor([[1, 2, 0], [3, 0, 0]]),
+    batch = {"tokens": torch.tensor([[3, 5, 6, 4, 1], [3, 6, 4, 5, 4]]),
+             "segments": torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]), "valid_len": torch.tensor([4, 5]),
+             "pred_positions": torch.tensor([[1, 2, 0], [3, 0, 0]]),
              "mlm_labels": torch.tensor([[1, 2, 0], [3, 0, 0]]), "mlm_weights": torch.tensor([[1., 1, 0], [1, 0, 0]]),
              "nsp_label": torch.tensor([1, 0])}
     out = model(**batch, return_logits=return_logits)

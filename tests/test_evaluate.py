@@ -16,7 +16,8 @@ from bertds.data.loader import table_columns
 from bertds.engine.checkpoint import capture_rng
 from bertds.engine.optim import adapt_optimization, parameter_groups
 from bertds.engine.tracking import read_metrics
-from bertds.evaluate import EvalConfig, heldout_data_config, main as evaluate_main, score
+from bertds.evaluate import EvalConfig, heldout_data_config, score
+from bertds.evaluate import main as evaluate_main
 from bertds.model import BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import load_pretrained
 from tests.conftest import REPO, free_port, launcher_env

@@ -1,18 +1,27 @@
 """Correctness guards of the fast paths (no timing): each fast path computes what the straightforward one does."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bertds.model import BertForPreTraining, get_config
-from bertds.model.heads import _LinearCrossEntropy
 from bertds.model.cpu_fastpath import Dropout, attention
+from bertds.model.heads import MLMDecoder
 from bertds.model.layers import BertSelfAttention, TokenLayout, key_padding_mask
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reference_bert import BERTModel, MultiHeadAttention, load_bertds_state_dict, pretraining_loss  # noqa: E402
 
+def load_bench_script(name: str):
+    """A bench/ script as a module, loaded from its file: bench/ is not an installed package."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference_bert = load_bench_script("reference_bert")
+BERTModel, MultiHeadAttention = reference_bert.BERTModel, reference_bert.MultiHeadAttention
+load_bertds_state_dict, pretraining_loss = reference_bert.load_bertds_state_dict, reference_bert.pretraining_loss
 VOCAB = 300
 
 
@@ -79,12 +88,14 @@ def test_linear_cross_entropy_with_zero_scaled_rows_across_chunks(monkeypatch):
     # The accelerator path keeps padded slots with scale 0; chunks smaller than the rows exercise the loop.
     monkeypatch.setattr("bertds.model.heads.LOSS_CHUNK", 7)
     torch.manual_seed(0)
+    decoder = MLMDecoder(16, 50)  # the public face of the chunked linear + cross-entropy
+    with torch.no_grad():
+        decoder.weight.normal_(), decoder.bias.normal_()  # logits of order 1, as with real activations
     x = torch.randn(20, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    bias = torch.randn(50, requires_grad=True)
+    weight, bias = decoder.weight, decoder.bias
     labels = torch.randint(0, 50, (20,))
     scale = torch.rand(20) * (torch.arange(20) % 3 != 0)
-    loss, correct = _LinearCrossEntropy.apply(x, weight, bias, labels, scale, True)
+    loss, correct = decoder(x, labels, scale)
     loss.backward()
     grads = [t.grad.clone() for t in (x, weight, bias)]
     for t in (x, weight, bias):

@@ -2,10 +2,14 @@ import re
 
 import pytest
 import torch
-from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                           estimate_zero3_model_states_mem_needs_all_live)
-from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                  estimate_zero2_model_states_mem_needs_all_live)
+from deepspeed.runtime.zero.stage3 import (
+    estimate_zero3_model_states_mem_needs,
+    estimate_zero3_model_states_mem_needs_all_live,
+)
+from deepspeed.runtime.zero.stage_1_and_2 import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_live,
+)
 
 from bertds.model import BertForPreTraining, get_config
 from bertds.plan import GiB, PlanConfig, activation_bytes, count_parameters, main, plan

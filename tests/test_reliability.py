@@ -173,8 +173,8 @@ def bad_configs(tmp_path):
     (["--resume", "auto", "--max-len", "600"], "--max-len 600 exceeds the model's 512 positions"),
     (["--resume", "auto", "--model", "huge"], "unknown model 'huge'"),
     (["--resume", "/nonexistent/checkpoint"], "--resume /nonexistent/checkpoint is not a bertds checkpoint"),
-], ids=["other-run", "unknown-key", "bad-zero", "batch-flag", "resume-batch", "batch-json", "empty-data", "model-config",
-        "vocabulary", "max-len", "model-name", "resume-path"])
+], ids=["other-run", "unknown-key", "bad-zero", "batch-flag", "resume-batch", "batch-json", "empty-data",
+        "model-config", "vocabulary", "max-len", "model-name", "resume-path"])
 def test_bad_input_exits_2_and_leaves_the_run_untouched(reference, launch, wikitext_dir, bad_configs, args,
                                                         message):
     run = reference[None]

@@ -81,7 +81,10 @@ def test_over_long_pairs_are_cut_longest_first_and_packed_as_cls_p_sep_h_sep(tmp
     premise, hypothesis, label = data[0]
     assert (len(premise), len(hypothesis), label) == (4, 3, 0)  # 13 words cut to 7 from the longer premise
     batch = data.collate([data[0], data[1]])
-    ids = lambda words: vocab.token_ids(words.split())  # noqa: E731
+
+    def ids(words: str) -> list[int]:
+        return vocab.token_ids(words.split())
+
     assert batch["tokens"][0].tolist() == [vocab.cls_id, *ids("w1 w2 w3 w4"), vocab.sep_id, *ids("v1 v2 v3"),
                                            vocab.sep_id]
     assert batch["segments"][0].tolist() == [0] * 6 + [1] * 4
@@ -193,9 +196,9 @@ def saved_classifier(tmp_path):
 
 def test_a_fine_tuned_classifier_exports_to_bert_for_sequence_classification(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tests.hf_loading import LEGACY_PYTHON, legacy_report
     from bertds.encode import pack
     from bertds.export import main as export_main
+    from tests.hf_loading import LEGACY_PYTHON, legacy_report
     classifier, vocab = saved_classifier(tmp_path)
     assert export_main(["--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(tmp_path / "hf")]) == 0
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -101,7 +101,7 @@ class Corpus:
         """One row per document (column ``text``), in corpus order. Streaming reads lazily, one shard per file,
         so ``split_dataset_by_node`` gives each rank whole files (or every world_size-th document)."""
         import datasets
-        kwargs = {"sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
+        kwargs: dict[str, Any] = {"sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
                   "split": self.split, "wikitext": self.wikitext}
         if streaming:
             return datasets.IterableDataset.from_generator(_documents, gen_kwargs=kwargs)
@@ -140,7 +140,7 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
     or local files / directories of .txt, .jsonl, .parquet files. ``split`` is checked (and ``valid`` read as
     ``validation``) for all but other hub datasets, whose splits are their own."""
-    other_hub = bool(names) and len(names) == 1 and names[0].startswith(HUB_PREFIX) and \
+    other_hub = names is not None and len(names) == 1 and names[0].startswith(HUB_PREFIX) and \
         names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]
     split = split if other_hub else wikitext_split(split)
     if not names:

@@ -9,8 +9,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertds.data.corpus import Corpus
-from bertds.data.examples import (POOL_WORKERS, ExampleConfig, PairRanges, finish_examples, truncate_longest_first,
-                                  worker_pool)
+from bertds.data.examples import (
+    POOL_WORKERS,
+    ExampleConfig,
+    PairRanges,
+    finish_examples,
+    truncate_longest_first,
+    worker_pool,
+)
 from bertds.data.tokenizer import Vocab, segment_arange
 from bertds.errors import UserError
 
@@ -148,9 +154,9 @@ def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
         np.take(word_of_variant[first[k]:first[k + 1]], parts[k].variant_index, out=word_index[bounds[k]:bounds[k + 1]])
 
     list(worker_pool().map(gather, range(len(parts))))
-    return D2LCorpus(*(np.concatenate([getattr(p, f) for p in parts])
-                       for f in ("paragraph_size", "is_paragraph", "sentence_words")),
-                     word_index, lowered.dictionary, counts)
+    paragraph_size, is_paragraph, sentence_words = (np.concatenate([getattr(p, f) for p in parts])
+                                                    for f in ("paragraph_size", "is_paragraph", "sentence_words"))
+    return D2LCorpus(paragraph_size, is_paragraph, sentence_words, word_index, lowered.dictionary, counts)
 
 
 def corpus_paragraphs(corpus: Corpus) -> D2LCorpus:

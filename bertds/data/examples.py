@@ -76,7 +76,7 @@ class PairRanges:
     b_len: np.ndarray
     label: np.ndarray  # nsp_label: NSP 1 = B follows A in the document; SOP 0 = in order, 1 = swapped
 
-    def select(self, keep: np.ndarray | slice) -> "PairRanges":
+    def select(self, keep: np.ndarray | slice) -> PairRanges:
         return PairRanges(*(getattr(self, f)[keep] for f in ("a_start", "a_len", "b_start", "b_len", "label")))
 
 
@@ -143,8 +143,9 @@ def finish_examples(ids: np.ndarray, pairs: PairRanges, vocab: Vocab, config: Ex
     a generator seeded by (seed, k), so the result does not depend on the thread count."""
     masking = None if config.dynamic_masking else config.masking(vocab)
     n, max_len = len(pairs.label), config.max_len
-    columns = {"tokens": np.empty((n, max_len), dtype=np.int32), "segments": np.empty((n, max_len), dtype=np.int8),
-               "valid_len": np.empty(n, dtype=np.int32), "nsp_label": pairs.label.astype(np.int8)}
+    columns: dict[str, np.ndarray] = {
+        "tokens": np.empty((n, max_len), dtype=np.int32), "segments": np.empty((n, max_len), dtype=np.int8),
+        "valid_len": np.empty(n, dtype=np.int32), "nsp_label": pairs.label.astype(np.int8)}
     if masking is not None:
         slots = masking.max_predictions
         columns.update(pred_positions=np.empty((n, slots), dtype=np.int32),

@@ -28,8 +28,17 @@ from bertds.data.config import MAX_MAX_LEN, MIN_MAX_LEN, DataConfig
 from bertds.data.corpus import Corpus, resolve_corpus
 from bertds.data.d2l import corpus_paragraphs, d2l_examples
 from bertds.data.examples import ExampleConfig
-from bertds.data.shards import (FORMAT_VERSION, MANIFEST, SHARDS, DamagedData, PreparedData, in_memory_dataset,
-                                load_prepared, seal, write_shards)
+from bertds.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARDS,
+    DamagedData,
+    PreparedData,
+    in_memory_dataset,
+    load_prepared,
+    seal,
+    write_shards,
+)
 from bertds.data.tokenizer import D2L_SPECIAL_TOKENS, DEFAULT_WORDPIECE_VOCAB, Vocab, build_vocab, tokenizer_recipe
 from bertds.errors import UserError
 
@@ -127,7 +136,7 @@ def document_windows(chunks: Iterable[TokenizedChunk], reach: int | None
                      ) -> Iterator[tuple[list[TokenizedChunk], int, int]]:
     """(window, position of chunk k in it, k) for every chunk k: the window holds the chunks k - reach .. k + reach
     (all chunks when reach is None), so at most 2 * reach + 1 are in memory."""
-    stream, window = iter(chunks), deque()
+    stream, window = iter(chunks), deque[TokenizedChunk]()
     first = done = 0  # corpus index of window[0]; chunks before `done` have been yielded
     exhausted = False
     while True:
@@ -283,7 +292,9 @@ def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleCo
 def cache_path(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, cache_dir: Path) -> Path:
     recipe = recipe_of(corpus, choice, config)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    name = (corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]) or "corpus"
+    # A corpus without files is a hub corpus.
+    source = corpus.files[0].parent.name if corpus.files else corpus.hub[0].split("/")[-1]  # type: ignore[index]
+    name = source or "corpus"
     return cache_dir / f"{name}-{corpus.split}-{config.recipe}-len{config.max_len}-{key}"
 
 
@@ -363,7 +374,7 @@ def on_rank0(work: Callable[[], T], rank: int) -> T:
             raise UserError(message)
     if error is not None:
         raise error
-    return result  # type: ignore[return-value]
+    return result  # type: ignore[return-value]  # rank 0's result: set, or an error was raised
 
 
 def prepare_ranks(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path, cache: Path,

@@ -16,6 +16,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -54,19 +55,20 @@ class Vocab:
         missing = [special_tokens[role] for role, i in ids.items() if i is None]
         if missing:
             raise UserError(f"tokenizer lacks the special tokens {missing}; build it with bertds")
+        found = cast(dict[str, int], ids)  # every role has an id (checked above)
         self.unk_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = (
-            ids["unk"], ids["pad"], ids["mask"], ids["cls"], ids["sep"])
-        self.special_ids = sorted(ids.values())
+            found["unk"], found["pad"], found["mask"], found["cls"], found["sep"])
+        self.special_ids = sorted(found.values())
 
     @classmethod
-    def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> "Vocab":
+    def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> Vocab:
         # Counted here rather than with tokenizers' WordLevelTrainer: that trainer gives a corpus word equal to
         # a special token (WikiText is full of "<unk>") a second id and leaves a hole at the special's id.
         return cls.from_word_counts(Counter(word for sentence in sentences for word in sentence.lower().split()),
                                     min_freq)
 
     @classmethod
-    def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> "Vocab":
+    def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> Vocab:
         """d2l's vocabulary from lower-cased word counts: the reserved tokens, then words by falling count."""
         reserved = list(D2L_SPECIAL_TOKENS.values())
         words = sorted(w for w, n in counts.items() if n >= min_freq and w not in reserved)
@@ -79,15 +81,15 @@ class Vocab:
 
     @classmethod
     def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
-                        lowercase: bool = True) -> "Vocab":
+                        lowercase: bool = True) -> Vocab:
         """WordPiece trained on ``texts`` with BERT's normaliser and pre-tokenizer; exactly ``vocab_size`` tokens
         unless the corpus is too small to make that many (then a UserError says so)."""
         if vocab_size <= len(BERT_RESERVED):
             raise UserError(f"--vocab-size {vocab_size} leaves no room beside BERT's {len(BERT_RESERVED)} "
                             "reserved tokens; use e.g. 30522")
         wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
-        wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=BERT_RESERVED,
-                                      show_progress=False)
+        wordpiece.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=2,
+                                      special_tokens=[*BERT_RESERVED], show_progress=False)
         vocab = cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
         if len(vocab) != vocab_size:
             raise UserError(f"the corpus only supports a WordPiece vocabulary of {len(vocab)} tokens, not "
@@ -95,7 +97,7 @@ class Vocab:
         return vocab
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocab":
+    def from_file(cls, path: str | Path) -> Vocab:
         """A BERT ``vocab.txt`` (one token per line, id = line number) or a ``tokenizer.json``."""
         path = Path(path)
         if not path.is_file():
@@ -171,8 +173,7 @@ class Vocab:
 
     def token_ids(self, tokens: list[str]) -> list[int]:
         """Ids of already-split tokens (d2l's ``vocab[tokens]``); unknown tokens map to the unknown id."""
-        return [self.tokenizer.token_to_id(t) if self.tokenizer.token_to_id(t) is not None else self.unk_id
-                for t in tokens]
+        return [i if (i := self.tokenizer.token_to_id(t)) is not None else self.unk_id for t in tokens]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
@@ -181,7 +182,7 @@ class Vocab:
         self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Vocab":
+    def load(cls, directory: str | Path) -> Vocab:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise UserError(f"no {TOKENIZER_FILE} in {directory}; point at a directory written by bertds")

@@ -5,9 +5,9 @@ import sys
 # "Setting accelerator to CPU"): imported here, before any engine module, with stdout pointed at stderr, its
 # messages never mix with the machine output (JSON) that bertds' command lines print on stdout.
 with contextlib.redirect_stdout(sys.stderr):
-    import deepspeed  # noqa: F401
+    import deepspeed  # noqa: F401 - imported for the redirect above; the modules below use it
 
-from bertds.engine.config import load_ds_config, resolve_batch_sizes  # noqa: E402
-from bertds.engine.step import micro_step  # noqa: E402
+from bertds.engine.config import load_ds_config, resolve_batch_sizes  # noqa: E402 - after deepspeed, see above
+from bertds.engine.step import micro_step  # noqa: E402 - after deepspeed, see above
 
 __all__ = ["load_ds_config", "micro_step", "resolve_batch_sizes"]

@@ -18,6 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def rank_file(rank: int) -> str:
 
 def capture_rng() -> dict:
     """Every RNG stream as tensors and numbers (numpy's Mersenne Twister keys become an int64 tensor)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())  # the legacy tuple, the default
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
@@ -321,7 +322,7 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, client_state: 
     failure = agreed(_save_failure(error, directory) if error else None)
     if failure:
         raise _give_up(failure, directory)
-    files = [None] * world_size
+    files: list[dict] = [{}] * world_size
     dist.all_gather_object(files, manifest.describe_share(directory, (rank, world_size)))
     error = _attempt(lambda: _commit(root, directory, {k: v for f in files for k, v in f.items()}, step,
                                      keep_last)) if rank == 0 else None

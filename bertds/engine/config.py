@@ -111,10 +111,10 @@ def resolve_batch_sizes(ds_config: dict, world_size: int, batch_size: int | None
     total = config.get("train_batch_size")
     micro = config.get("train_micro_batch_size_per_gpu")
     accum = config.get("gradient_accumulation_steps")
-    if total is None and micro is None:
-        raise UserError("the DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu; "
-                        "set one of them or pass --batch-size")
     if total is None:
+        if micro is None:
+            raise UserError("the DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu; "
+                            "set one of them or pass --batch-size")
         total = micro * (accum or 1) * world_size
     elif micro is None:
         accum = accum or 1

@@ -21,7 +21,10 @@ FORMAT = 1
 
 def describe(path: Path) -> dict:
     with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest is Python 3.11+
+            digest.update(block)
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest.hexdigest()}
 
 
 def checkpoint_files(directory: Path) -> list[str]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -74,7 +75,7 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]  # named_parameters/parameters yield a tied one once
     decay = [p for p in params if id(p) not in no_decay_ids]
     no_decay = [p for p in params if id(p) in no_decay_ids]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
 
@@ -104,7 +105,7 @@ def adapt_optimization(ds_config: dict, max_steps: int):
             lamb_params.pop("max_grad_norm", None)  # clipping is DeepSpeed's gradient_clipping
             config.pop("optimizer")
             config["zero_allow_untested_optimizer"] = True  # ZeRO wraps any torch optimizer; this one is tested
-            optimizer_factory = lambda model_params: Lamb(model_params, **lamb_params)  # noqa: E731
+            optimizer_factory = functools.partial(Lamb, **lamb_params)
         elif kind in ("adam", "adamw") and on_cpu:
             optimizer.setdefault("params", {}).setdefault("torch_adam", True)
     scheduler = config.get("scheduler")
@@ -115,8 +116,8 @@ def adapt_optimization(ds_config: dict, max_steps: int):
             warmup = schedule.get("warmup_num_steps", 0)
             total = schedule.get("total_num_steps", max_steps)
             power = schedule.get("power", 0.5)
-            scheduler_factory = lambda opt: LambdaLR(  # noqa: E731
-                opt, lambda step: poly_warmup_factor(step, warmup, total, power))
+            scheduler_factory = functools.partial(
+                LambdaLR, lr_lambda=lambda step: poly_warmup_factor(step, warmup, total, power))
         elif scheduler.get("type") == "WarmupDecayLR":
             schedule.setdefault("total_num_steps", max_steps)
         if scheduler.get("type") in ("WarmupLR", "WarmupDecayLR") and optimizer is not None:

@@ -6,6 +6,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -16,10 +17,10 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 TRAIN_SPLIT = "train"
 
 
-def _wandb_mode() -> str:
+def _wandb_mode() -> Literal["online", "offline", "disabled", "shared"]:
     """WANDB_MODE when set; otherwise online only with credentials, so a machine without them still logs (offline)."""
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        return os.environ["WANDB_MODE"]  # type: ignore[return-value]  # as the user set it; wandb.init checks it
     netrc = Path.home() / ".netrc"
     logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     return "online" if logged_in else "offline"

@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from bertds.data import PretrainingBatches, prepare_for_training
-from bertds.data.tokenizer import TOKENIZER_FILE
+from bertds.data.tokenizer import TOKENIZER_FILE, Vocab
 from bertds.distributed import check_master_port, init_distributed, launch_rank, shutdown_distributed
 from bertds.engine.checkpoint import (
     CHECKPOINTS,
@@ -42,7 +42,7 @@ from bertds.engine.train_config import TrainConfig
 from bertds.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError, run_cli
 from bertds.evaluate import HeldOutEvaluation, describe, heldout_examples
 from bertds.hf import loaded_model_name
-from bertds.model import BertForPreTraining, get_config, num_parameters
+from bertds.model import BertConfig, BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
 from bertds.supervise import report_exit_status
 
@@ -207,19 +207,18 @@ class Pretraining:
 
     cfg: TrainConfig
     ds_config: dict
-    engine: object
-    model_config: object
-    vocab: object
+    engine: deepspeed.DeepSpeedEngine
+    model_config: BertConfig
+    vocab: Vocab
     batches: PretrainingBatches
     tracker: Tracker
     evaluation: HeldOutEvaluation | None
     device: torch.device
     world_size: int
-    state: RunState = field(default_factory=RunState)
-    sums: MetricSums | None = None
+    state: RunState
+    sums: MetricSums
 
     def __post_init__(self):
-        self.sums = self.sums or MetricSums(self.device)
         self.grad_norm = GradientNorm(self.engine)
 
     def loop(self, watcher: PreemptionWatcher) -> None:
@@ -375,7 +374,8 @@ def train(cfg: TrainConfig) -> RunState:
                       f"{'cached' if data.from_cache else 'prepared'} at {data.path}")
         tracker.print(f"model: {cfg.model}, {num_parameters(model) / 1e6:.1f}M parameters; world size {world_size}, "
                       f"micro batch {engine.train_micro_batch_size_per_gpu()}, accumulation "
-                      f"{engine.gradient_accumulation_steps()}" + (f"; resumed from {checkpoint}" if checkpoint else ""))
+                      f"{engine.gradient_accumulation_steps()}"
+                      + (f"; resumed from {checkpoint}" if checkpoint else ""))
         evaluation = build_evaluation(cfg, data, engine, device, rank, world_size)
         if evaluation is None:
             tracker.print(f"eval: no held-out text ('{cfg.eval.split}' split of the corpus); pass --eval-corpus")

@@ -1,15 +1,15 @@
 """BERT for pretraining: embeddings -> encoder -> (MLM head on masked positions, NSP head on the pooler)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bertds.model.config import BertConfig
-from bertds.model.heads import BertMLMHead, BertNSPHead
 from bertds.model.cpu_fastpath import eager_cpu
+from bertds.model.heads import BertMLMHead, BertNSPHead
 from bertds.model.layers import BertEmbeddings, BertEncoder, BertPooler, TokenLayout
 
 
@@ -91,6 +91,7 @@ class BertForPreTraining(nn.Module):
         if pred_positions is not None and (return_logits or mlm_labels is None):
             logits = self.mlm(encoded, pred_positions)
         if mlm_labels is not None:
+            assert mlm_weights is not None, "mlm_labels come with mlm_weights"
             mlm_count = mlm_weights.sum()
             if logits is None:
                 mlm_loss, mlm_correct = self.mlm(encoded, pred_positions, mlm_labels, mlm_weights)
@@ -100,8 +101,9 @@ class BertForPreTraining(nn.Module):
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_label.long())
             nsp_correct = (nsp_logits.argmax(-1) == nsp_label).sum()
         terms = [term for term in (mlm_loss, nsp_loss) if term is not None]
-        return BertForPreTrainingOutput(sum(terms) if terms else None, mlm_loss, nsp_loss, mlm_correct, mlm_count,
-                                        nsp_correct, logits, nsp_logits, encoded)
+        loss = cast(torch.Tensor, sum(terms)) if terms else None
+        return BertForPreTrainingOutput(loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, logits,
+                                        nsp_logits, encoded)
 
 
 def _mlm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor,

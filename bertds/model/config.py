@@ -41,7 +41,7 @@ class BertConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "BertConfig":
+    def from_dict(cls, values: dict) -> BertConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -52,7 +52,7 @@ class BertConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "BertConfig":
+    def load(cls, path: str | Path) -> BertConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -22,9 +22,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = grad_enabled and any(ctx.needs_input_grad[:3])  # needs_input_grad ignores torch.no_grad()
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         correct = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x) if grads else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads else None
+        unused = x.new_empty(0)  # in place of the gradients when none are needed
+        grad_x = torch.empty_like(x) if grads else unused
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else unused
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads else unused
         # One fp32 buffer for every chunk's logits: a fresh (chunk, vocab) tensor per chunk is costly on CPU.
         buffer = torch.empty(min(LOSS_CHUNK, x.shape[0]), weight.shape[0], device=x.device, dtype=torch.float32)
         for start in range(0, x.shape[0], LOSS_CHUNK):
@@ -65,8 +66,10 @@ class MLMDecoder(nn.Linear):
     """The vocabulary projection; given labels it returns (weighted cross-entropy, number of rows predicted right)
     instead of the logits."""
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
-                scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    # The override differs from nn.Linear's on purpose: given labels it returns (loss, correct), not logits.
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if labels is None:
             return super().forward(x)
         return _LinearCrossEntropy.apply(x, self.weight, self.bias, labels, scale, torch.is_grad_enabled())
@@ -90,6 +93,7 @@ class BertMLMHead(nn.Module):
         if labels is None:
             index = pred_positions.long().unsqueeze(-1).expand(-1, -1, encoded.shape[-1])
             return self.decoder(self.transform(encoded.gather(1, index)))
+        assert weights is not None, "labels come with weights"
         weights = weights.reshape(-1).float()
         scale, labels = weights / (weights.sum() + 1e-8), labels.reshape(-1).long()
         rows = torch.arange(encoded.shape[0], device=encoded.device).repeat_interleave(pred_positions.shape[1])

@@ -63,7 +63,7 @@ class TokenLayout:
     index: torch.Tensor | None  # unpadded: flat (batch * seq_len) positions of the valid tokens
 
     @classmethod
-    def from_valid_lens(cls, valid_lens: torch.Tensor, seq_len: int, unpad: bool) -> "TokenLayout":
+    def from_valid_lens(cls, valid_lens: torch.Tensor, seq_len: int, unpad: bool) -> TokenLayout:
         mask = key_padding_mask(valid_lens, seq_len)
         # nonzero() waits for the device, so accelerators keep the padded (static-shape) layout.
         return cls(mask, mask.reshape(-1).nonzero().squeeze(1) if unpad else None)

@@ -65,6 +65,7 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[BertForPreTraining, Vocab]:
         from bertds.hf import load_hf_pretrained
         return load_hf_pretrained(cfg.init_from_hf)
     from bertds.export import load_checkpoint
+    assert cfg.checkpoint is not None  # exactly one of the two, checked above
     return load_checkpoint(cfg.checkpoint)
 
 
@@ -125,7 +126,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                            optimizer=client_optimizer, lr_scheduler=client_scheduler)
     device = torch.device(get_accelerator().current_device_name())
     micro_batch = engine.train_micro_batch_size_per_gpu()
-    sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True,
+                                                     seed=cfg.seed)
     train_loader = DataLoader(train_data, batch_size=micro_batch, sampler=sampler, collate_fn=train_data.collate)
     eval_loaders = {}
     for split, pairs in eval_pairs.items():
@@ -178,6 +180,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tracker.print(f"loss {record['loss']:.3f}, train acc {record['train_acc']:.3f}, "
                   + ", ".join(f"{s} acc {record[f'{s}_acc']:.3f}" for s in eval_loaders))
     tracker.print(f"{record['pairs_per_s']:.1f} pairs/sec on [{', '.join(devices)}]")
+    assert best is not None, "--epochs 0 trains nothing"
     tracker.print(f"best epoch {best['epoch']} by {cfg.eval_splits[0]} accuracy, saved to "
                   f"{cfg.output_dir}/{BEST_DIR}")
     result = {"final": record, "best": best, "train_source": train_pairs.source,

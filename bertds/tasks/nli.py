@@ -43,7 +43,7 @@ class NLIPairs:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def sample(self, n: int | None, seed: int) -> "NLIPairs":
+    def sample(self, n: int | None, seed: int) -> NLIPairs:
         """A seeded random subset of n pairs (all of them when n is None or not smaller)."""
         if n is None or n >= len(self):
             return self

@@ -30,13 +30,13 @@ def _span(words: list[str], rng: random.Random) -> list[str]:
 
 def synthetic_rows(sentences: list[str], n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    sentences = [s.split() for s in sentences if MIN_WORDS <= len(s.split()) <= MAX_WORDS]
+    word_lists = [s.split() for s in sentences if MIN_WORDS <= len(s.split()) <= MAX_WORDS]
     rows = []
     for _ in range(n):
-        premise = rng.choice(sentences)
+        premise = rng.choice(word_lists)
         label = rng.choice(LABELS)
         if label == "neutral":
-            hypothesis = _span(rng.choice(sentences), rng)
+            hypothesis = _span(rng.choice(word_lists), rng)
         else:
             hypothesis = _span(premise, rng)
             if label == "contradiction":
