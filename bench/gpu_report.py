@@ -35,8 +35,18 @@ from deepspeed.accelerator import get_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.throughput import (STEPS, BenchConfig, Prefetcher, achieved, build_model, ds_config,  # noqa: E402
-                              load_batches, model_flops, split_parameters, timed_steps)
+from bench.throughput import (  # noqa: E402
+    STEPS,
+    BenchConfig,
+    Prefetcher,
+    achieved,
+    build_model,
+    ds_config,
+    load_batches,
+    model_flops,
+    split_parameters,
+    timed_steps,
+)
 from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine.optim import Lamb  # noqa: E402
 from bertds.errors import UserError, run_cli  # noqa: E402

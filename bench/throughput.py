@@ -14,7 +14,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from bertds.errors import UserError, run_cli  # noqa: E402
 from bertds.model import BertConfig, BertForPreTraining, get_config  # noqa: E402
 from bertds.options import add_options, from_args, option, redefault  # noqa: E402
 from bertds.plan import JobShape  # noqa: E402
-
 
 STEPS = {"fused": micro_step, "logits": functools.partial(micro_step, fused=False)}
 

@@ -33,8 +33,17 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import d2l_book  # noqa: E402
 from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
-from bench.throughput import (STEPS, BenchConfig, achieved, build_model, check, ds_config, load_batches,  # noqa: E402
-                              model_flops, split_parameters)
+from bench.throughput import (  # noqa: E402
+    STEPS,
+    BenchConfig,
+    achieved,
+    build_model,
+    check,
+    ds_config,
+    load_batches,
+    model_flops,
+    split_parameters,
+)
 from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from bertds.engine.host_memory import keep_freed_memory  # noqa: E402
 from bertds.errors import UserError, run_cli  # noqa: E402

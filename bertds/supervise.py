@@ -30,8 +30,9 @@ from pathlib import Path
 import psutil
 
 STATUS_ENV = "BERTDS_SUPERVISE_STATUS"  # where rank 0 writes its exit status
-FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM,
-             signal.SIGUSR1: signal.SIGUSR1}
+FORWARDED: dict[int, int] = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM,
+                             signal.SIGHUP: signal.SIGTERM,
+                             signal.SIGUSR1: signal.SIGUSR1}
 POLL_SECONDS = 0.2
 LEFTOVER_SECONDS = 30  # what a launcher may take to clean up after its ranks ended
 PR_SET_CHILD_SUBREAPER = 36
@@ -119,7 +120,8 @@ def supervise(command: list[str]) -> int:
         shutil.rmtree(status_dir, ignore_errors=True)
         print(f"error: cannot run {command[0]} ({e.strerror}); check the command after --", file=sys.stderr)
         return 2
-    me, ranks, sent, ranks_ended = psutil.Process(), {}, [], None
+    sent: list[int] = []
+    me, ranks, ranks_ended = psutil.Process(), {}, None
     while True:
         for p in _ranks(me):
             if p.pid not in ranks:

@@ -1,4 +1,5 @@
 import importlib.util
+import inspect
 import os
 import socket
 import subprocess

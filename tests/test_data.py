@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from bertds.data import (DataConfig, ExampleConfig, PretrainingBatches, Vocab, build_examples,
-                         prepare_pretraining_data, resolve_corpus)
+from bertds.data import (
+    DataConfig,
+    ExampleConfig,
+    PretrainingBatches,
+    Vocab,
+    build_examples,
+    prepare_pretraining_data,
+    resolve_corpus,
+)
 from bertds.data.corpus import HUB_DATASET
 from bertds.data.d2l import paragraph_sentences
 from bertds.data.loader import table_columns

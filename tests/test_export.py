@@ -11,7 +11,8 @@ from bertds import BertForPreTraining, UserError, Vocab, get_config, save_pretra
 from bertds.data import DataConfig
 from bertds.encode import pack
 from bertds.engine.train import TrainConfig
-from bertds.export import load_checkpoint, main as export_main
+from bertds.export import load_checkpoint
+from bertds.export import main as export_main
 from bertds.hf import CONFIG_NAMES, from_hf_config, load_hf_pretrained, save_hf, to_hf_config, to_hf_state_dict
 from bertds.model import BertConfig
 from tests.conftest import wordpiece_vocab

@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertds.data import DataConfig, ExampleConfig, load_prepared, prepare_for_training, prepare_pretraining_data
-from bertds.data import resolve_corpus
+from bertds.data import (
+    DataConfig,
+    ExampleConfig,
+    load_prepared,
+    prepare_for_training,
+    prepare_pretraining_data,
+    resolve_corpus,
+)
 from bertds.data.prepare import preparation_dir
 from bertds.data.shards import MANIFEST, SHARDS, manifest_checksum
 from bertds.errors import EXIT_USER_ERROR, UserError, run_cli

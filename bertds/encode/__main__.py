@@ -37,7 +37,7 @@ def show(args: argparse.Namespace) -> None:
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     encoded = encode_ids(model, ids, segments)[0]
-    tokens = [vocab.tokenizer.id_to_token(i) for i in ids]
+    tokens = [str(vocab.tokenizer.id_to_token(i)) for i in ids]  # every id is the vocabulary's
     if args.json:
         print(json.dumps({"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape],
                           "vectors": encoded.tolist()}))
