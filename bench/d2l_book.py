@@ -13,6 +13,7 @@ LayerNorm eps 1e-5 (not 1e-12), an untied MLM decoder (given a copy of the tied 
 (the first 512 copied). The losses are therefore close, not equal; the equality of computation is proven against the
 local replica ``bench/reference_bert.py`` instead.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,9 +27,22 @@ import torch
 from torch import nn
 
 # What d2l/torch.py imports at module level but its BERT, attention and Adam code never uses.
-UNUSED_IMPORTS = ("torchvision", "torchvision.transforms", "PIL", "PIL.Image", "pandas", "requests", "IPython",
-                  "IPython.display", "matplotlib", "matplotlib.pyplot", "matplotlib_inline",
-                  "matplotlib_inline.backend_inline", "scipy", "scipy.spatial")
+UNUSED_IMPORTS = (
+    "torchvision",
+    "torchvision.transforms",
+    "PIL",
+    "PIL.Image",
+    "pandas",
+    "requests",
+    "IPython",
+    "IPython.display",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib_inline",
+    "matplotlib_inline.backend_inline",
+    "scipy",
+    "scipy.spatial",
+)
 
 
 class _Unused:
@@ -76,8 +90,14 @@ def build_bert(d2l, config, example_batch: tuple[torch.Tensor, ...]) -> nn.Modul
     """The book's ``d2l.BERTModel(len(vocab), num_hiddens=128, ffn_num_hiddens=256, num_heads=2, num_blks=2,
     dropout=0.2)`` for bertds' config, its lazy layers materialised by one forward pass on a d2l batch (as
     ``_WikiTextDataset`` yields it) as the book does."""
-    net = d2l.BERTModel(config.vocab_size, num_hiddens=config.hidden_size, ffn_num_hiddens=config.ffn_size,
-                        num_heads=config.num_heads, num_blks=config.num_layers, dropout=config.dropout)
+    net = d2l.BERTModel(
+        config.vocab_size,
+        num_hiddens=config.hidden_size,
+        ffn_num_hiddens=config.ffn_size,
+        num_heads=config.num_heads,
+        num_blks=config.num_layers,
+        dropout=config.dropout,
+    )
     tokens, segments, valid_lens, pred_positions = example_batch[:4]
     with torch.no_grad():
         net(tokens, segments, valid_lens, pred_positions)
@@ -87,21 +107,32 @@ def build_bert(d2l, config, example_batch: tuple[torch.Tensor, ...]) -> nn.Modul
 def load_bertds_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Copies bertds' initial weights into d2l's BERTModel wherever the structures match (the fused qkv split in
     three, the tied decoder copied); returns the bertds tensors d2l has no place for."""
-    sources = {"encoder.token_embedding.weight": "bert.embeddings.word_embeddings.weight",
-               "encoder.segment_embedding.weight": "bert.embeddings.token_type_embeddings.weight",
-               "hidden.0.weight": "bert.pooler.dense.weight", "hidden.0.bias": "bert.pooler.dense.bias",
-               "nsp.output.weight": "nsp.seq_relationship.weight", "nsp.output.bias": "nsp.seq_relationship.bias",
-               "mlm.mlp.0.weight": "mlm.dense.weight", "mlm.mlp.0.bias": "mlm.dense.bias",
-               "mlm.mlp.2.weight": "mlm.LayerNorm.weight", "mlm.mlp.2.bias": "mlm.LayerNorm.bias",
-               "mlm.mlp.3.weight": "mlm.decoder.weight", "mlm.mlp.3.bias": "mlm.decoder.bias"}
+    sources = {
+        "encoder.token_embedding.weight": "bert.embeddings.word_embeddings.weight",
+        "encoder.segment_embedding.weight": "bert.embeddings.token_type_embeddings.weight",
+        "hidden.0.weight": "bert.pooler.dense.weight",
+        "hidden.0.bias": "bert.pooler.dense.bias",
+        "nsp.output.weight": "nsp.seq_relationship.weight",
+        "nsp.output.bias": "nsp.seq_relationship.bias",
+        "mlm.mlp.0.weight": "mlm.dense.weight",
+        "mlm.mlp.0.bias": "mlm.dense.bias",
+        "mlm.mlp.2.weight": "mlm.LayerNorm.weight",
+        "mlm.mlp.2.bias": "mlm.LayerNorm.bias",
+        "mlm.mlp.3.weight": "mlm.decoder.weight",
+        "mlm.mlp.3.bias": "mlm.decoder.bias",
+    }
     for i in range(len(net.encoder.blks)):
         src, dst = f"bert.encoder.layer.{i}.", f"encoder.blks.{i}."
         for kind in ("weight", "bias"):
-            sources.update({f"{dst}attention.W_o.{kind}": f"{src}attention.dense.{kind}",
-                            f"{dst}addnorm1.ln.{kind}": f"{src}attention_LayerNorm.{kind}",
-                            f"{dst}ffn.dense1.{kind}": f"{src}intermediate.{kind}",
-                            f"{dst}ffn.dense2.{kind}": f"{src}output.{kind}",
-                            f"{dst}addnorm2.ln.{kind}": f"{src}output_LayerNorm.{kind}"})
+            sources.update(
+                {
+                    f"{dst}attention.W_o.{kind}": f"{src}attention.dense.{kind}",
+                    f"{dst}addnorm1.ln.{kind}": f"{src}attention_LayerNorm.{kind}",
+                    f"{dst}ffn.dense1.{kind}": f"{src}intermediate.{kind}",
+                    f"{dst}ffn.dense2.{kind}": f"{src}output.{kind}",
+                    f"{dst}addnorm2.ln.{kind}": f"{src}output_LayerNorm.{kind}",
+                }
+            )
     params = dict(net.named_parameters())
     with torch.no_grad():
         for name, key in sources.items():
@@ -112,7 +143,7 @@ def load_bertds_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> list[
                 for part, proj in zip(qkv, ("W_q", "W_k", "W_v")):
                     params[f"encoder.blks.{i}.attention.{proj}.{kind}"].copy_(part)
         positions = state["bert.embeddings.position_embeddings.weight"]
-        params["encoder.pos_embedding"][0, :positions.shape[0]].copy_(positions)
+        params["encoder.pos_embedding"][0, : positions.shape[0]].copy_(positions)
     used = {*sources.values(), "bert.embeddings.position_embeddings.weight"}
     return sorted(k for k in state if k not in used and ".attention.qkv." not in k)
 
@@ -122,17 +153,24 @@ def load_wiki(d2l, data_dir: str, batch_size: int, max_len: int):
     ``_read_wiki``, ``_WikiTextDataset`` and a shuffling DataLoader with ``d2l.get_dataloader_workers()``
     workers. Returns (train_iter, vocab)."""
     train_set = d2l._WikiTextDataset(d2l._read_wiki(data_dir), max_len)
-    train_iter = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True,
-                                             num_workers=d2l.get_dataloader_workers())
+    train_iter = torch.utils.data.DataLoader(
+        train_set, batch_size, shuffle=True, num_workers=d2l.get_dataloader_workers()
+    )
     return train_iter, train_set.vocab
 
 
 def to_d2l_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """A bertds d2l-recipe batch as ``_WikiTextDataset`` yields it: (tokens, segments, valid_lens, pred_positions,
     mlm_weights, mlm_labels, nsp_labels), int64 ids, float32 valid lengths and weights."""
-    return (batch["tokens"].long(), batch["segments"].long(), batch["valid_len"].float(),
-            batch["pred_positions"].long(), batch["mlm_weights"].float(), batch["mlm_labels"].long(),
-            batch["nsp_label"].long())
+    return (
+        batch["tokens"].long(),
+        batch["segments"].long(),
+        batch["valid_len"].float(),
+        batch["pred_positions"].long(),
+        batch["mlm_weights"].float(),
+        batch["mlm_labels"].long(),
+        batch["nsp_label"].long(),
+    )
 
 
 class BookTrainer:
@@ -154,9 +192,18 @@ class BookTrainer:
         tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = batch
         self.trainer.zero_grad()
         start = time.perf_counter()
-        mlm_l, nsp_l, total_l = self.d2l._get_batch_loss_bert(self.net, self.loss, self.vocab_size, tokens_X,
-                                                              segments_X, valid_lens_x, pred_positions_X,
-                                                              mlm_weights_X, mlm_Y, nsp_y)
+        mlm_l, nsp_l, total_l = self.d2l._get_batch_loss_bert(
+            self.net,
+            self.loss,
+            self.vocab_size,
+            tokens_X,
+            segments_X,
+            valid_lens_x,
+            pred_positions_X,
+            mlm_weights_X,
+            mlm_Y,
+            nsp_y,
+        )
         total_l.backward()
         self.trainer.step()
         float(mlm_l.detach()), float(nsp_l.detach())  # the book's metric.add(mlm_l, nsp_l, ...) reads both

@@ -3,6 +3,7 @@ written there: per-token Python loops, the ``random`` module, lists, one tensor 
 reference ``bench/data_pipeline.py`` times bertds' preparation against; only the d2l helpers it imports
 (``d2l.tokenize``, ``d2l.Vocab``, ``d2l.get_tokens_and_segments``) are inlined, unchanged in behaviour.
 """
+
 from __future__ import annotations
 
 import collections
@@ -11,6 +12,7 @@ import random
 import torch
 
 # --- d2l helpers (d2l/torch.py) ----------------------------------------------------------------------------------
+
 
 def tokenize(lines, token="word"):
     return [line.split() for line in lines] if token == "word" else [list(line) for line in lines]
@@ -24,8 +26,9 @@ class Vocab:
             tokens = [token for line in tokens for token in line]
         counter = collections.Counter(tokens)
         self.token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
-        self.idx_to_token = list(sorted(set(["<unk>"] + reserved_tokens + [
-            token for token, freq in self.token_freqs if freq >= min_freq])))
+        self.idx_to_token = list(
+            sorted(set(["<unk>"] + reserved_tokens + [token for token, freq in self.token_freqs if freq >= min_freq]))
+        )
         self.token_to_idx = {token: idx for idx, token in enumerate(self.idx_to_token)}
 
     def __len__(self):
@@ -51,6 +54,7 @@ def get_tokens_and_segments(tokens_a, tokens_b=None):
 
 
 # --- d2l section 15.9 --------------------------------------------------------------------------------------------
+
 
 def read_wiki(file_name):
     with open(file_name) as f:
@@ -108,7 +112,8 @@ def _get_mlm_data_from_tokens(tokens, vocab):
         candidate_pred_positions.append(i)
     num_mlm_preds = max(1, round(len(tokens) * 0.15))
     mlm_input_tokens, pred_positions_and_labels = _replace_mlm_tokens(
-        tokens, candidate_pred_positions, num_mlm_preds, vocab)
+        tokens, candidate_pred_positions, num_mlm_preds, vocab
+    )
     pred_positions_and_labels = sorted(pred_positions_and_labels, key=lambda x: x[0])
     pred_positions = [v[0] for v in pred_positions_and_labels]
     mlm_pred_labels = [v[1] for v in pred_positions_and_labels]
@@ -117,23 +122,30 @@ def _get_mlm_data_from_tokens(tokens, vocab):
 
 def _pad_bert_inputs(examples, max_len, vocab):
     max_num_mlm_preds = round(max_len * 0.15)
-    all_token_ids, all_segments, valid_lens, = [], [], []
+    (
+        all_token_ids,
+        all_segments,
+        valid_lens,
+    ) = [], [], []
     all_pred_positions, all_mlm_weights, all_mlm_labels = [], [], []
     nsp_labels = []
-    for (token_ids, pred_positions, mlm_pred_label_ids, segments, is_next) in examples:
-        all_token_ids.append(torch.tensor(token_ids + [vocab["<pad>"]] * (max_len - len(token_ids)),
-                                          dtype=torch.long))
+    for token_ids, pred_positions, mlm_pred_label_ids, segments, is_next in examples:
+        all_token_ids.append(torch.tensor(token_ids + [vocab["<pad>"]] * (max_len - len(token_ids)), dtype=torch.long))
         all_segments.append(torch.tensor(segments + [0] * (max_len - len(segments)), dtype=torch.long))
         valid_lens.append(torch.tensor(len(token_ids), dtype=torch.float32))
-        all_pred_positions.append(torch.tensor(pred_positions + [0] * (max_num_mlm_preds - len(pred_positions)),
-                                               dtype=torch.long))
-        all_mlm_weights.append(torch.tensor([1.0] * len(mlm_pred_label_ids) + [0.0] * (
-            max_num_mlm_preds - len(pred_positions)), dtype=torch.float32))
-        all_mlm_labels.append(torch.tensor(mlm_pred_label_ids + [0] * (
-            max_num_mlm_preds - len(mlm_pred_label_ids)), dtype=torch.long))
+        all_pred_positions.append(
+            torch.tensor(pred_positions + [0] * (max_num_mlm_preds - len(pred_positions)), dtype=torch.long)
+        )
+        all_mlm_weights.append(
+            torch.tensor(
+                [1.0] * len(mlm_pred_label_ids) + [0.0] * (max_num_mlm_preds - len(pred_positions)), dtype=torch.float32
+            )
+        )
+        all_mlm_labels.append(
+            torch.tensor(mlm_pred_label_ids + [0] * (max_num_mlm_preds - len(mlm_pred_label_ids)), dtype=torch.long)
+        )
         nsp_labels.append(torch.tensor(is_next, dtype=torch.long))
-    return (all_token_ids, all_segments, valid_lens, all_pred_positions, all_mlm_weights, all_mlm_labels,
-            nsp_labels)
+    return (all_token_ids, all_segments, valid_lens, all_pred_positions, all_mlm_weights, all_mlm_labels, nsp_labels)
 
 
 class WikiTextDataset(torch.utils.data.Dataset):
@@ -144,14 +156,30 @@ class WikiTextDataset(torch.utils.data.Dataset):
         examples = []
         for paragraph in paragraphs:
             examples.extend(_get_nsp_data_from_paragraph(paragraph, paragraphs, self.vocab, max_len))
-        examples = [(_get_mlm_data_from_tokens(tokens, self.vocab) + (segments, is_next))
-                    for tokens, segments, is_next in examples]
-        (self.all_token_ids, self.all_segments, self.valid_lens, self.all_pred_positions, self.all_mlm_weights,
-         self.all_mlm_labels, self.nsp_labels) = _pad_bert_inputs(examples, max_len, self.vocab)
+        examples = [
+            (_get_mlm_data_from_tokens(tokens, self.vocab) + (segments, is_next))
+            for tokens, segments, is_next in examples
+        ]
+        (
+            self.all_token_ids,
+            self.all_segments,
+            self.valid_lens,
+            self.all_pred_positions,
+            self.all_mlm_weights,
+            self.all_mlm_labels,
+            self.nsp_labels,
+        ) = _pad_bert_inputs(examples, max_len, self.vocab)
 
     def __getitem__(self, idx):
-        return (self.all_token_ids[idx], self.all_segments[idx], self.valid_lens[idx], self.all_pred_positions[idx],
-                self.all_mlm_weights[idx], self.all_mlm_labels[idx], self.nsp_labels[idx])
+        return (
+            self.all_token_ids[idx],
+            self.all_segments[idx],
+            self.valid_lens[idx],
+            self.all_pred_positions[idx],
+            self.all_mlm_weights[idx],
+            self.all_mlm_labels[idx],
+            self.nsp_labels[idx],
+        )
 
     def __len__(self):
         return len(self.all_token_ids)

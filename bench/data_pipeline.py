@@ -15,6 +15,7 @@ Both sides run in this process, alternately, one after the other; the reference 
 times and bertds ``--bertds-runs`` times, and the ratio uses the medians. bertds uses its thread pool (Arrow and
 numpy release the GIL); the reference is single-threaded Python, as written in the book.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,31 +78,44 @@ def compare(name: str, path: Path, max_len: int, reference_runs: int, bertds_run
             n_ours, seconds = bertds_tensors(path, max_len)
             ours.append(seconds)
     ref, own = statistics.median(reference), statistics.median(ours)
-    print(f"{name:<28} {tokens / 1e6:6.2f}M tokens | reference {ref:7.2f} s ({n_ref} examples, "
-          f"{n_ref / ref:8.0f}/s) | bertds {own:6.2f} s ({n_ours} examples, {n_ours / own:8.0f}/s; runs "
-          f"{', '.join(f'{s:.2f}' for s in ours)}) | ratio {ref / own:5.1f}x", flush=True)
+    print(
+        f"{name:<28} {tokens / 1e6:6.2f}M tokens | reference {ref:7.2f} s ({n_ref} examples, "
+        f"{n_ref / ref:8.0f}/s) | bertds {own:6.2f} s ({n_ours} examples, {n_ours / own:8.0f}/s; runs "
+        f"{', '.join(f'{s:.2f}' for s in ours)}) | ratio {ref / own:5.1f}x",
+        flush=True,
+    )
     return ref / own
 
 
-def loader_throughput(path: Path, cache: Path, vocab_size: int, micro_batch: int, batches: int,
-                      num_workers: int) -> None:
+def loader_throughput(
+    path: Path, cache: Path, vocab_size: int, micro_batch: int, batches: int, num_workers: int
+) -> None:
     for masking in ("static", "dynamic"):
         config = ExampleConfig(max_len=128, recipe="bert", dynamic_masking=masking == "dynamic")
         start = time.perf_counter()
-        data = prepare_directory(resolve_corpus([str(path)]), TokenizerChoice("wordpiece", vocab_size), config,
-                                 cache / f"wordpiece-128-{masking}", cache_dir=cache)
+        data = prepare_directory(
+            resolve_corpus([str(path)]),
+            TokenizerChoice("wordpiece", vocab_size),
+            config,
+            cache / f"wordpiece-128-{masking}",
+            cache_dir=cache,
+        )
         prepared = time.perf_counter() - start
-        stream = iter(PretrainingBatches(data.examples, micro_batch, 0, 1, seed=0, num_workers=num_workers,
-                                         masking=data.masking))
+        stream = iter(
+            PretrainingBatches(data.examples, micro_batch, 0, 1, seed=0, num_workers=num_workers, masking=data.masking)
+        )
         next(stream)  # start-up (worker processes) is not throughput
         start = time.perf_counter()
         for _ in range(batches):
             batch = next(stream)
         seconds = time.perf_counter() - start
         assert batch["tokens"].shape == (micro_batch, 128)
-        print(f"loader, WordPiece {vocab_size}, max_len 128, {masking:<7} masking: {len(data.examples)} examples "
-              f"prepared in {prepared:.1f} s (tokenizer training included); {batches} batches of {micro_batch} from "
-              f"the cache, {num_workers} workers: {batches * micro_batch / seconds:,.0f} examples/s", flush=True)
+        print(
+            f"loader, WordPiece {vocab_size}, max_len 128, {masking:<7} masking: {len(data.examples)} examples "
+            f"prepared in {prepared:.1f} s (tokenizer training included); {batches} batches of {micro_batch} from "
+            f"the cache, {num_workers} workers: {batches * micro_batch / seconds:,.0f} examples/s",
+            flush=True,
+        )
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -121,9 +135,23 @@ def streaming_memory(source: Path, megabytes: int, tokenizer: str, max_len: int)
         with corpus.open("wb") as f:
             for _ in range(math.ceil(megabytes * 2**20 / len(text))):
                 f.write(text)
-        command = [sys.executable, str(REPO / "launcher" / "prepare_data.py"), "--corpus", str(corpus), "--streaming",
-                   "--recipe", "bert", "--tokenizer", tokenizer, "--max-len", str(max_len),
-                   "--out", str(Path(tmp) / "prepared"), "--cache-dir", str(Path(tmp) / "cache")]
+        command = [
+            sys.executable,
+            str(REPO / "launcher" / "prepare_data.py"),
+            "--corpus",
+            str(corpus),
+            "--streaming",
+            "--recipe",
+            "bert",
+            "--tokenizer",
+            tokenizer,
+            "--max-len",
+            str(max_len),
+            "--out",
+            str(Path(tmp) / "prepared"),
+            "--cache-dir",
+            str(Path(tmp) / "cache"),
+        ]
         log = Path(tmp) / "log.txt"
         start, peak = time.perf_counter(), 0
         with log.open("wb") as out:
@@ -136,9 +164,12 @@ def streaming_memory(source: Path, megabytes: int, tokenizer: str, max_len: int)
         if process.returncode != 0:
             raise SystemExit("prepare_data.py failed:\n" + "\n".join(output[-20:]))
         largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kernel's peak, largest process
-        print(f"streaming {corpus.stat().st_size / 2**20:.0f} MB ({tokenizer}, bert recipe, max_len {max_len}): "
-              f"{seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB (process tree, sampled; largest process "
-              f"{largest / 2**30:.2f} GiB) | {output[-1]}", flush=True)
+        print(
+            f"streaming {corpus.stat().st_size / 2**20:.0f} MB ({tokenizer}, bert recipe, max_len {max_len}): "
+            f"{seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB (process tree, sampled; largest process "
+            f"{largest / 2**30:.2f} GiB) | {output[-1]}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -162,16 +193,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bertds-bench-") as tmp:
         big = repeated_corpus(args.data_dir / "wiki.train.tokens", args.min_tokens, Path(tmp))
         print(f"d2l recipe, max_len {args.max_len}, word vocabulary; time = files -> example tensors", flush=True)
-        compare("WikiText-2 valid", args.data_dir / "wiki.valid.tokens", args.max_len, args.reference_runs,
-                args.bertds_runs)
-        compare("WikiText-2 train", args.data_dir / "wiki.train.tokens", args.max_len, args.reference_runs,
-                args.bertds_runs)
+        compare(
+            "WikiText-2 valid", args.data_dir / "wiki.valid.tokens", args.max_len, args.reference_runs, args.bertds_runs
+        )
+        compare(
+            "WikiText-2 train", args.data_dir / "wiki.train.tokens", args.max_len, args.reference_runs, args.bertds_runs
+        )
         ratio = compare(f"train repeated ({big.name})", big, args.max_len, args.reference_runs, args.bertds_runs)
-        print(f"ratio on the >= {args.min_tokens / 1e6:.0f}M-token corpus: {ratio:.1f}x "
-              f"({'meets' if ratio >= 20 else 'misses'} the 20x target)", flush=True)
+        print(
+            f"ratio on the >= {args.min_tokens / 1e6:.0f}M-token corpus: {ratio:.1f}x "
+            f"({'meets' if ratio >= 20 else 'misses'} the 20x target)",
+            flush=True,
+        )
         if not args.skip_loader:
-            loader_throughput(args.data_dir / "wiki.train.tokens", Path(tmp) / "cache", args.vocab_size,
-                              args.micro_batch, args.batches, args.num_workers)
+            loader_throughput(
+                args.data_dir / "wiki.train.tokens",
+                Path(tmp) / "cache",
+                args.vocab_size,
+                args.micro_batch,
+                args.batches,
+                args.num_workers,
+            )
 
 
 if __name__ == "__main__":

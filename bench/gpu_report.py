@@ -14,6 +14,7 @@ the timed steps are reported apart, and a "budget" row fails when the whole repo
 ``--smoke`` shrinks every model to ``tiny`` at max_len 64 and a few steps; on CPU it runs the 2-rank path on gloo and
 lets DeepSpeed take fp16 (its CPU capability check refuses it) so that loss scaling runs too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,12 @@ from bertds.plan import PlanConfig, plan  # noqa: E402
 
 SEED_PAIRS_PER_S = 4370.0  # the seed's PyTorch main job on 2 GPUs (the issue's figure)
 # Dense peak TFLOP/s per precision (fp32: TF32 tensor cores), first matching name wins.
-PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
-               "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-               "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+}
 MEMORY_SLACK = 1.25  # measured peak may exceed the plan by this factor (allocator rounding, temporaries)
 
 
@@ -90,17 +93,36 @@ class Sizes:
     eval_examples: int  # the main job's held-out evaluation at its end
 
 
-FULL = Sizes(main_steps=300, main_batch=None,
-             cases=(Case("base seq128 bf16", "base", 128, 64, "bf16", 0, steps=30),
-                    Case("large seq128 fp16 ZeRO-2", "large", 128, 64, "fp16", 2),
-                    Case("large seq512 bf16 ZeRO-2 + act. ckpt", "large", 512, 16, "bf16", 2, checkpointing=True)),
-             fp16_steps=300, fp16_case=("small", 128, 64), fp16_scale_power=20, mlm_case=("base", 128, 64),
-             mlm_repeats=10, lamb_shapes=((1024, 1024), (4096, 1024), (1024,), (30522, 128)), lamb_steps=10,
-             eval_examples=1000)
-SMOKE = Sizes(main_steps=2, main_batch=16,
-              cases=tuple(replace(c, model="tiny", max_len=64, micro_batch=8, warmup=1, steps=2) for c in FULL.cases),
-              fp16_steps=8, fp16_case=("tiny", 64, 8), fp16_scale_power=17, mlm_case=("tiny", 64, 8), mlm_repeats=1,
-              lamb_shapes=((16, 8), (8,)), lamb_steps=3, eval_examples=8)
+FULL = Sizes(
+    main_steps=300,
+    main_batch=None,
+    cases=(
+        Case("base seq128 bf16", "base", 128, 64, "bf16", 0, steps=30),
+        Case("large seq128 fp16 ZeRO-2", "large", 128, 64, "fp16", 2),
+        Case("large seq512 bf16 ZeRO-2 + act. ckpt", "large", 512, 16, "bf16", 2, checkpointing=True),
+    ),
+    fp16_steps=300,
+    fp16_case=("small", 128, 64),
+    fp16_scale_power=20,
+    mlm_case=("base", 128, 64),
+    mlm_repeats=10,
+    lamb_shapes=((1024, 1024), (4096, 1024), (1024,), (30522, 128)),
+    lamb_steps=10,
+    eval_examples=1000,
+)
+SMOKE = Sizes(
+    main_steps=2,
+    main_batch=16,
+    cases=tuple(replace(c, model="tiny", max_len=64, micro_batch=8, warmup=1, steps=2) for c in FULL.cases),
+    fp16_steps=8,
+    fp16_case=("tiny", 64, 8),
+    fp16_scale_power=17,
+    mlm_case=("tiny", 64, 8),
+    mlm_repeats=1,
+    lamb_shapes=((16, 8), (8,)),
+    lamb_steps=3,
+    eval_examples=8,
+)
 
 
 @dataclass
@@ -136,35 +158,75 @@ def run_subprocess(cmd: list[str], timeout: float) -> subprocess.CompletedProces
 def launcher(ranks: int) -> list[str]:
     if ranks == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-            str(29500 + os.getpid() % 1000)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+    ]
 
 
 def check_main_job(sizes: Sizes, data_dir: str | None, ranks: int) -> Check:
     """``launcher/pretrain.py`` with its defaults (tiny, d2l recipe, ds_configs/tiny_cpu.json) as a user runs it."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bertds-gpu-report-") as out:
-        cmd = [*launcher(ranks), str(ROOT / "launcher" / "pretrain.py"), "--no-wandb", "--output-dir", out,
-               "--max-steps", str(sizes.main_steps), "--eval-examples", str(sizes.eval_examples),
-               "--log-interval", str(max(1, sizes.main_steps // 3))]
+        cmd = [
+            *launcher(ranks),
+            str(ROOT / "launcher" / "pretrain.py"),
+            "--no-wandb",
+            "--output-dir",
+            out,
+            "--max-steps",
+            str(sizes.main_steps),
+            "--eval-examples",
+            str(sizes.eval_examples),
+            "--log-interval",
+            str(max(1, sizes.main_steps // 3)),
+        ]
         cmd += ["--data-dir", data_dir] if data_dir else []
         cmd += ["--batch-size", str(sizes.main_batch)] if sizes.main_batch else []
         proc = run_subprocess(cmd, timeout=300)
     found = re.search(r"^([\d.]+) sentence pairs/sec", proc.stdout, re.MULTILINE)
     wall = time.perf_counter() - start
     if proc.returncode != 0 or found is None:
-        return Check("main job (tiny, d2l recipe)", "fail", {"exit_code": proc.returncode},
-                     (proc.stderr or proc.stdout).strip().splitlines()[-1:][0] if (proc.stderr or proc.stdout) else "",
-                     run_s=wall)
+        return Check(
+            "main job (tiny, d2l recipe)",
+            "fail",
+            {"exit_code": proc.returncode},
+            (proc.stderr or proc.stdout).strip().splitlines()[-1:][0] if (proc.stderr or proc.stdout) else "",
+            run_s=wall,
+        )
     pairs = float(found.group(1))
-    return Check("main job (tiny, d2l recipe)", "pass",
-                 {"pairs_per_s": pairs, "vs_seed_4370_on_2_gpus": pairs / SEED_PAIRS_PER_S, "ranks": ranks,
-                  "steps": sizes.main_steps}, "pairs/s as the job prints it (data loading included)", run_s=wall)
+    return Check(
+        "main job (tiny, d2l recipe)",
+        "pass",
+        {
+            "pairs_per_s": pairs,
+            "vs_seed_4370_on_2_gpus": pairs / SEED_PAIRS_PER_S,
+            "ranks": ranks,
+            "steps": sizes.main_steps,
+        },
+        "pairs/s as the job prints it (data loading included)",
+        run_s=wall,
+    )
 
 
 def planned_bytes(case: Case, vocab_size: int) -> float:
-    p = plan(PlanConfig(model=case.model, max_len=case.max_len, micro_batch=case.micro_batch, zero=case.zero,
-                        precision=case.precision, gpus=1, gpus_per_node=1, vocab_size=vocab_size))
+    p = plan(
+        PlanConfig(
+            model=case.model,
+            max_len=case.max_len,
+            micro_batch=case.micro_batch,
+            zero=case.zero,
+            precision=case.precision,
+            gpus=1,
+            gpus_per_node=1,
+            vocab_size=vocab_size,
+        )
+    )
     return p.model_states_bytes + (p.activations_checkpointed_bytes if case.checkpointing else p.activations_bytes)
 
 
@@ -179,17 +241,26 @@ def build_engine(cfg: BenchConfig, checkpointing: bool = False, fp16_scale_power
     data, batches = load_batches(cfg, 0, 1)
     model = build_model(cfg, len(data.vocab), data.vocab.pad_id)
     model.set_activation_checkpointing(checkpointing)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=engine_config(cfg, fp16_scale_power))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=engine_config(cfg, fp16_scale_power)
+    )
     return data, batches, model, engine
 
 
 def check_throughput(case: Case, data_dir: str | None, peaks: dict[str, float] | None) -> Check:
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
-    cfg = BenchConfig(model=case.model, max_len=case.max_len, micro_batch=case.micro_batch, zero=case.zero,
-                      precision=case.precision, warmup=case.warmup, steps=case.steps, log_interval=case.steps,
-                      data_dir=data_dir)
+    cfg = BenchConfig(
+        model=case.model,
+        max_len=case.max_len,
+        micro_batch=case.micro_batch,
+        zero=case.zero,
+        precision=case.precision,
+        warmup=case.warmup,
+        steps=case.steps,
+        log_interval=case.steps,
+        data_dir=data_dir,
+    )
     start = time.perf_counter()
     data, batches, model, engine = build_engine(cfg, case.checkpointing)
     accelerator.empty_cache()
@@ -205,10 +276,16 @@ def check_throughput(case: Case, data_dir: str | None, peaks: dict[str, float] |
     tflops, mfu = achieved(flops / timed.elapsed, peak_tflops)
     predicted = planned_bytes(case, len(data.vocab))
     losses = [x for _, mlm, nsp in timed.logged for x in (mlm, nsp)]
-    figures = {"sequences_per_s": case.micro_batch * case.steps / timed.elapsed, "tokens_per_s": tokens / timed.elapsed,
-               "tflops": tflops / 1e3, "mfu_pct": mfu, "data_wait_pct": 100 * prefetch.wait_s / timed.elapsed,
-               "peak_memory_gib": peak_bytes / 2 ** 30, "planned_memory_gib": predicted / 2 ** 30,
-               "final_losses": losses}
+    figures = {
+        "sequences_per_s": case.micro_batch * case.steps / timed.elapsed,
+        "tokens_per_s": tokens / timed.elapsed,
+        "tflops": tflops / 1e3,
+        "mfu_pct": mfu,
+        "data_wait_pct": 100 * prefetch.wait_s / timed.elapsed,
+        "peak_memory_gib": peak_bytes / 2**30,
+        "planned_memory_gib": predicted / 2**30,
+        "final_losses": losses,
+    }
     ok = all(math.isfinite(x) for x in losses)
     note = "warm-up setup includes data preparation and engine start"
     if device.type == "cuda":
@@ -229,8 +306,9 @@ def check_fp16_scaling(sizes: Sizes, data_dir: str | None) -> Check:
     """fp16 ZeRO-2 from a high loss scale: overflows must be skipped and counted, the scale must halve, settle
     and never go NaN, and the loss must fall."""
     model, max_len, micro_batch = sizes.fp16_case
-    cfg = BenchConfig(model=model, max_len=max_len, micro_batch=micro_batch, zero=2, precision="fp16", lr=1e-3,
-                      data_dir=data_dir)
+    cfg = BenchConfig(
+        model=model, max_len=max_len, micro_batch=micro_batch, zero=2, precision="fp16", lr=1e-3, data_dir=data_dir
+    )
     start = time.perf_counter()
     _, batches, _, engine = build_engine(cfg, fp16_scale_power=sizes.fp16_scale_power)
     setup = time.perf_counter() - start
@@ -244,14 +322,31 @@ def check_fp16_scaling(sizes: Sizes, data_dir: str | None) -> Check:
     skipped = engine.skipped_steps
     window = max(1, len(losses) // 5)
     first, last = losses_t[:window].mean().item(), losses_t[-window:].mean().item()
-    figures = {"steps": sizes.fp16_steps, "skipped_steps": skipped, "initial_scale": 2.0 ** sizes.fp16_scale_power,
-               "final_scale": scales[-1], "min_scale": min(scales), "first_loss": first, "last_loss": last}
-    ok = (bool(torch.isfinite(losses_t).all()) and 0 < skipped < sizes.fp16_steps // 2
-          and 1 <= scales[-1] < 2.0 ** sizes.fp16_scale_power and last < first)
+    figures = {
+        "steps": sizes.fp16_steps,
+        "skipped_steps": skipped,
+        "initial_scale": 2.0**sizes.fp16_scale_power,
+        "final_scale": scales[-1],
+        "min_scale": min(scales),
+        "first_loss": first,
+        "last_loss": last,
+    }
+    ok = (
+        bool(torch.isfinite(losses_t).all())
+        and 0 < skipped < sizes.fp16_steps // 2
+        and 1 <= scales[-1] < 2.0**sizes.fp16_scale_power
+        and last < first
+    )
     run = time.perf_counter() - start - setup
     destroy(engine)
-    return Check("fp16 dynamic loss scaling (ZeRO-2)", verdict(ok), figures,
-                 "pass: finite losses, 0 < skipped < half the steps, scale halved and >= 1, loss falls", setup, run)
+    return Check(
+        "fp16 dynamic loss scaling (ZeRO-2)",
+        verdict(ok),
+        figures,
+        "pass: finite losses, 0 < skipped < half the steps, scale halved and >= 1, loss falls",
+        setup,
+        run,
+    )
 
 
 def lamb_updates(make_optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -276,6 +371,7 @@ def check_lamb(sizes: Sizes) -> Check:
     fallback = lamb_updates(lambda w: Lamb(w, **hyper), params, grads)
     try:
         from deepspeed.ops.lamb import FusedLamb
+
         fused = lamb_updates(lambda w: FusedLamb(w, **hyper), params, grads)
         status, note = "pass", "FusedLamb (CUDA kernel) vs bertds.engine.optim.Lamb"
     except Exception as e:  # the op cannot build on this accelerator: compare the fallback with itself instead
@@ -285,9 +381,13 @@ def check_lamb(sizes: Sizes) -> Check:
     moved = max(((a - p).abs().max() / p.abs().max()).item() for a, p in zip(fallback, params))
     if status == "pass":
         status = verdict(diff < 1e-4 < moved)
-    return Check("FusedLamb vs PyTorch LAMB", status, {"max_rel_diff": diff, "max_rel_update": moved,
-                                                        "steps": sizes.lamb_steps}, note,
-                 run_s=time.perf_counter() - start)
+    return Check(
+        "FusedLamb vs PyTorch LAMB",
+        status,
+        {"max_rel_diff": diff, "max_rel_update": moved, "steps": sizes.lamb_steps},
+        note,
+        run_s=time.perf_counter() - start,
+    )
 
 
 def fwd_bwd(model, batch: dict, fused: bool) -> tuple[float, list[torch.Tensor], float]:
@@ -309,8 +409,9 @@ def check_mlm_loss(sizes: Sizes, data_dir: str | None) -> Check:
     start = time.perf_counter()
     data, batches = load_batches(cfg, 0, 1)
     torch.manual_seed(0)
-    config = get_config(cfg.model, vocab_size=len(data.vocab), pad_token_id=data.vocab.pad_id, dropout=0.0,
-                        attention_dropout=0.0)
+    config = get_config(
+        cfg.model, vocab_size=len(data.vocab), pad_token_id=data.vocab.pad_id, dropout=0.0, attention_dropout=0.0
+    )
     model = BertForPreTraining(config).to(device=device, dtype=torch.bfloat16).train()
     batch = {k: v.to(device) for k, v in next(iter(batches)).items()}
     setup = time.perf_counter() - start
@@ -325,11 +426,22 @@ def check_mlm_loss(sizes: Sizes, data_dir: str | None) -> Check:
     grad_diff = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads_f, grads_l))
     loss_diff = abs(loss_f - loss_l) / abs(loss_l)
     median = statistics.median_high
-    figures = {"loss_fused": loss_f, "loss_logits": loss_l, "loss_rel_diff": loss_diff, "grad_max_rel_diff": grad_diff,
-               "fused_ms": 1e3 * median(times[True]), "logits_ms": 1e3 * median(times[False])}
-    return Check("fused MLM loss vs logits (bf16)", verdict(loss_diff < 1e-2 and grad_diff < 5e-2), figures,
-                 "pass: loss within 1%, every gradient within 5% (relative norm)", setup,
-                 time.perf_counter() - start - setup)
+    figures = {
+        "loss_fused": loss_f,
+        "loss_logits": loss_l,
+        "loss_rel_diff": loss_diff,
+        "grad_max_rel_diff": grad_diff,
+        "fused_ms": 1e3 * median(times[True]),
+        "logits_ms": 1e3 * median(times[False]),
+    }
+    return Check(
+        "fused MLM loss vs logits (bf16)",
+        verdict(loss_diff < 1e-2 and grad_diff < 5e-2),
+        figures,
+        "pass: loss within 1%, every gradient within 5% (relative norm)",
+        setup,
+        time.perf_counter() - start - setup,
+    )
 
 
 def check_two_ranks(sizes: Sizes, data_dir: str | None, force: bool) -> Check:
@@ -337,19 +449,41 @@ def check_two_ranks(sizes: Sizes, data_dir: str | None, force: bool) -> Check:
     if devices < 2 and not force:
         return Check("2 ranks", "skip", {"devices": devices}, f"only {devices} device(s) here: 2-rank path not run")
     case = sizes.cases[0]
-    cmd = [*launcher(2), str(ROOT / "bench" / "throughput.py"), "--model", case.model, "--max-len", str(case.max_len),
-           "--micro-batch", str(case.micro_batch), "--precision", case.precision, "--warmup", str(case.warmup),
-           "--steps", str(case.steps), "--log-interval", str(case.steps)]
+    cmd = [
+        *launcher(2),
+        str(ROOT / "bench" / "throughput.py"),
+        "--model",
+        case.model,
+        "--max-len",
+        str(case.max_len),
+        "--micro-batch",
+        str(case.micro_batch),
+        "--precision",
+        case.precision,
+        "--warmup",
+        str(case.warmup),
+        "--steps",
+        str(case.steps),
+        "--log-interval",
+        str(case.steps),
+    ]
     cmd += ["--data-dir", data_dir] if data_dir else []
     start = time.perf_counter()
     proc = run_subprocess(cmd, timeout=300)
     found = re.search(r"([\d.]+) sequences/s", proc.stdout)
     backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
-    figures = {"exit_code": proc.returncode, "sequences_per_s": float(found.group(1)) if found else None,
-               "backend": backend}
-    return Check(f"2 ranks ({case.name})", verdict(proc.returncode == 0 and found is not None), figures,
-                 "" if devices >= 2 else f"{devices} device(s): 2 CPU ranks on gloo (smoke)",
-                 run_s=time.perf_counter() - start)
+    figures = {
+        "exit_code": proc.returncode,
+        "sequences_per_s": float(found.group(1)) if found else None,
+        "backend": backend,
+    }
+    return Check(
+        f"2 ranks ({case.name})",
+        verdict(proc.returncode == 0 and found is not None),
+        figures,
+        "" if devices >= 2 else f"{devices} device(s): 2 CPU ranks on gloo (smoke)",
+        run_s=time.perf_counter() - start,
+    )
 
 
 def run_report(args) -> list[Check]:
@@ -369,17 +503,25 @@ def print_table(checks: list[Check], header: str) -> None:
     print(header)
     print(f"{'check':<40} {'status':<6} {'setup s':>8} {'run s':>8}  figures")
     for c in checks:
-        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.figures.items()
-                            if not isinstance(v, list))
-        print(f"{c.name:<40} {c.status:<6} {c.setup_s:8.1f} {c.run_s:8.1f}  {figures}" + (f"  [{c.note}]"
-                                                                                           if c.note else ""))
+        figures = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in c.figures.items()
+            if not isinstance(v, list)
+        )
+        print(
+            f"{c.name:<40} {c.status:<6} {c.setup_s:8.1f} {c.run_s:8.1f}  {figures}"
+            + (f"  [{c.note}]" if c.note else "")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="toy sizes, every code path (CI, CPU)")
-    p.add_argument("--data-dir", default=os.environ.get("BERTDS_DATA_DIR"),
-                   help="WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("BERTDS_DATA_DIR"),
+        help="WikiText-2 directory; default: env BERTDS_DATA_DIR, else the hub",
+    )
     p.add_argument("--peak-tflops", type=float, help="override the peak table (dense TFLOP/s, all precisions)")
     p.add_argument("--budget-s", type=float, default=480.0, help="the whole report must finish within this")
     p.add_argument("--json", help="write the table here as JSON")
@@ -402,11 +544,19 @@ def report(args: argparse.Namespace) -> int:
     device = accelerator.device_name()
     name = torch.cuda.get_device_name() if device == "cuda" else device
     peaks = detect_peak(args.peak_tflops)
-    print_table(checks, f"bertds GPU report | {'smoke' if args.smoke else 'full'} | {name} × "
-                        f"{accelerator.device_count()} | peak TFLOP/s {peaks}")
+    print_table(
+        checks,
+        f"bertds GPU report | {'smoke' if args.smoke else 'full'} | {name} × "
+        f"{accelerator.device_count()} | peak TFLOP/s {peaks}",
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "smoke": args.smoke, "peak_tflops": peaks,
-                                               "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": name, "smoke": args.smoke, "peak_tflops": peaks, "checks": [asdict(c) for c in checks]},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if all(c.status != "fail" for c in checks) else 1
 
 

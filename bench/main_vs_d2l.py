@@ -9,6 +9,7 @@ for the main jobs also the losses they logged (last round).
     python bench/main_vs_d2l.py --data-dir ../shared/data/wikitext-2 --rounds 3 --steps 50 \
         --ds-config ds_configs/tiny_cpu.json ds_configs/tiny_cpu_bf16.json --peak-tflops 0.17
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,22 @@ class MainJob:
 
     def run(self) -> Round:
         with tempfile.TemporaryDirectory(prefix="bertds-main-job-") as out:
-            cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--no-wandb", "--data-dir", self.data_dir,
-                   "--deepspeed_config", self.ds_config, "--max-steps", str(self.steps),
-                   "--log-interval", str(self.log_interval), "--output-dir", out, "--overwrite"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "launcher" / "pretrain.py"),
+                "--no-wandb",
+                "--data-dir",
+                self.data_dir,
+                "--deepspeed_config",
+                self.ds_config,
+                "--max-steps",
+                str(self.steps),
+                "--log-interval",
+                str(self.log_interval),
+                "--output-dir",
+                out,
+                "--overwrite",
+            ]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a fresh single process of its own
                 env.pop(key, None)
@@ -75,8 +89,10 @@ class D2LLoop:
         self.vocab_size, self.real_slots = None, []  # real MLM prediction slots of each timed batch
         start = time.perf_counter()
         train_iter, vocab = d2l_book.load_wiki(d2l, data_dir, batch, max_len)
-        print(f"d2l data: {len(train_iter.dataset)} pairs, vocabulary {len(vocab)}, built by _WikiTextDataset in "
-              f"{time.perf_counter() - start:.0f} s (not timed, as in the book)")
+        print(
+            f"d2l data: {len(train_iter.dataset)} pairs, vocabulary {len(vocab)}, built by _WikiTextDataset in "
+            f"{time.perf_counter() - start:.0f} s (not timed, as in the book)"
+        )
         self.batches = (b for _ in itertools.count() for b in train_iter)  # epochs back to back
         self.vocab_size = len(vocab)
         config = get_config("tiny", vocab_size=len(vocab))  # the book's sizes: 128 hidden, 256 FFN, 2 heads, 2 blocks
@@ -96,7 +112,7 @@ class D2LLoop:
 def compare(contenders: list, rounds: int) -> dict[str, list[Round]]:
     results: dict[str, list[Round]] = {c.name: [] for c in contenders}
     for r in range(rounds):
-        for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+        for c in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
             results[c.name].append(c.run())
             print(f"  round {r + 1}: {c.name:<44} {results[c.name][-1].pairs_per_s:7.1f} pairs/s", flush=True)
     return results
@@ -113,29 +129,48 @@ def flops_per_pair(vocab_size: int, batch: int, max_len: int, slots_per_batch: f
 def report(results: dict[str, list[Round]], reference: str, pair_flops: float, peak_tflops: float | None) -> dict:
     ref = statistics.median(x.pairs_per_s for x in results[reference])
     summary = {}
-    print(f"median of {len(results[reference])} alternating rounds (pairs/s as each prints it; GFLOP/s: "
-          f"{pair_flops / 1e6:.1f} MFLOP per pair of bertds' model)")
+    print(
+        f"median of {len(results[reference])} alternating rounds (pairs/s as each prints it; GFLOP/s: "
+        f"{pair_flops / 1e6:.1f} MFLOP per pair of bertds' model)"
+    )
     for name, runs in results.items():
         median = statistics.median(x.pairs_per_s for x in runs)
         gflops, share = achieved(median * pair_flops, peak_tflops)
-        summary[name] = {"pairs_per_s": median, "ratio_vs_d2l": median / ref, "gflops": gflops, "peak_pct": share,
-                         "rounds": [x.pairs_per_s for x in runs], "losses": runs[-1].losses}
-        print(f"  {name:<44} {median:7.1f} pairs/s  ×{median / ref:.2f} vs d2l  {gflops:6.1f} GFLOP/s"
-              f"{f' ({share:.1f}% of {peak_tflops} TFLOP/s)' if share is not None else ''}"
-              f"  (rounds: {' '.join(f'{x.pairs_per_s:.1f}' for x in runs)})")
+        summary[name] = {
+            "pairs_per_s": median,
+            "ratio_vs_d2l": median / ref,
+            "gflops": gflops,
+            "peak_pct": share,
+            "rounds": [x.pairs_per_s for x in runs],
+            "losses": runs[-1].losses,
+        }
+        print(
+            f"  {name:<44} {median:7.1f} pairs/s  ×{median / ref:.2f} vs d2l  {gflops:6.1f} GFLOP/s"
+            f"{f' ({share:.1f}% of {peak_tflops} TFLOP/s)' if share is not None else ''}"
+            f"  (rounds: {' '.join(f'{x.pairs_per_s:.1f}' for x in runs)})"
+        )
     for name, row in summary.items():
         if row["losses"]:
-            print(f"  {name} losses (last round): " +
-                  ", ".join(f"step {s}: mlm {m:.3f} nsp {n:.3f}" for s, m, n in row["losses"]))
+            print(
+                f"  {name} losses (last round): "
+                + ", ".join(f"step {s}: mlm {m:.3f} nsp {n:.3f}" for s, m, n in row["losses"])
+            )
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.environ.get("BERTDS_DATA_DIR"),
-                   help="local WikiText-2 directory (d2l's loop reads wiki.train.tokens); default: env BERTDS_DATA_DIR")
-    p.add_argument("--ds-config", nargs="+", default=[str(ROOT / "ds_configs" / "tiny_cpu.json")],
-                   help="DeepSpeed JSONs, one main-job contender each")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("BERTDS_DATA_DIR"),
+        help="local WikiText-2 directory (d2l's loop reads wiki.train.tokens); default: env BERTDS_DATA_DIR",
+    )
+    p.add_argument(
+        "--ds-config",
+        nargs="+",
+        default=[str(ROOT / "ds_configs" / "tiny_cpu.json")],
+        help="DeepSpeed JSONs, one main-job contender each",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=50, help="main job: --max-steps per round")
     p.add_argument("--d2l-steps", type=int, default=20, help="d2l: timed steps per round")
@@ -160,9 +195,11 @@ def compare_main_job_and_d2l(args: argparse.Namespace) -> None:
     reference = D2LLoop(d2l, data_dir, batch=BATCH, max_len=MAX_LEN, lr=0.01, steps=args.d2l_steps)
     jobs = [MainJob(str(Path(c).resolve()), args.steps, data_dir, args.log_interval) for c in args.ds_config]
     policy = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp: spin, then sleep)")
-    print(f"d2l: batch {BATCH}, max_len {MAX_LEN}, Adam lr 0.01, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY {policy}, {args.d2l_steps} timed steps per round | main jobs: launcher/pretrain.py default "
-          f"recipe (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}), --max-steps {args.steps}")
+    print(
+        f"d2l: batch {BATCH}, max_len {MAX_LEN}, Adam lr 0.01, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY {policy}, {args.d2l_steps} timed steps per round | main jobs: launcher/pretrain.py default "
+        f"recipe (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}), --max-steps {args.steps}"
+    )
     results = compare([reference, *jobs], args.rounds)
     pair_flops = flops_per_pair(reference.vocab_size, BATCH, MAX_LEN, statistics.mean(reference.real_slots))
     summary = report(results, reference.name, pair_flops, args.peak_tflops)

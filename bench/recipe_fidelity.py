@@ -18,6 +18,7 @@ For each statistic the table gives the mean and standard deviation over the seed
 whether they agree: the difference of the means is within twice the seed-to-seed spread of one seed's difference
 (2 * sqrt(sd_d2l^2 + sd_bertds^2)); a statistic that does not vary with the seed (the vocabulary) must be equal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ from bertds.data.loader import table_columns  # noqa: E402
 from bertds.errors import run_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-UNUSED_BY_BERT_DATA = {"torchvision": ["transforms"], "IPython": ["display"], "scipy": ["spatial"],
-                       "matplotlib_inline": ["backend_inline"]}
+UNUSED_BY_BERT_DATA = {
+    "torchvision": ["transforms"],
+    "IPython": ["display"],
+    "scipy": ["spatial"],
+    "matplotlib_inline": ["backend_inline"],
+}
 LENGTH_BINS = (16, 32, 48)  # valid_len shares: <= 16, 17-32, 33-48, > 48
 
 
@@ -53,6 +58,7 @@ def import_d2l():
                 setattr(parent, child, module)
     sys.modules["scipy.spatial"].distance_matrix = None  # imported by name at d2l's top level
     from d2l import torch as d2l
+
     return d2l
 
 
@@ -66,35 +72,58 @@ def statistics_of(tokens, valid_len, pred_positions, mlm_weights, mlm_labels, ns
     stats = {"examples": len(tokens), "valid_len mean": valid_len.mean(), "valid_len sd": valid_len.std()}
     edges = (0, *LENGTH_BINS, 10**9)
     for low, high in zip(edges[:-1], edges[1:]):
-        stats[f"valid_len in {low + 1}-{high if high < 10**9 else 'max'}"] = ((valid_len > low) &
-                                                                          (valid_len <= high)).mean()
-    stats.update({"predictions / example": real.sum(axis=1).mean(), "<mask> share": is_mask.mean(),
-                  "random share": (~is_mask & ~kept).mean(), "kept share": kept.mean(),
-                  "NSP is-next share": nsp_label.mean()})
+        stats[f"valid_len in {low + 1}-{high if high < 10**9 else 'max'}"] = (
+            (valid_len > low) & (valid_len <= high)
+        ).mean()
+    stats.update(
+        {
+            "predictions / example": real.sum(axis=1).mean(),
+            "<mask> share": is_mask.mean(),
+            "random share": (~is_mask & ~kept).mean(),
+            "kept share": kept.mean(),
+            "NSP is-next share": nsp_label.mean(),
+        }
+    )
     return stats
 
 
 def d2l_run(d2l, data_dir: Path, max_len: int, seed: int) -> tuple[dict, set]:
     random.seed(seed)
     dataset = d2l._WikiTextDataset(d2l._read_wiki(str(data_dir)), max_len)
-    columns = (dataset.all_token_ids, dataset.valid_lens, dataset.all_pred_positions, dataset.all_mlm_weights,
-               dataset.all_mlm_labels, dataset.nsp_labels)  # lists of per-example tensors
+    columns = (
+        dataset.all_token_ids,
+        dataset.valid_lens,
+        dataset.all_pred_positions,
+        dataset.all_mlm_weights,
+        dataset.all_mlm_labels,
+        dataset.nsp_labels,
+    )  # lists of per-example tensors
     tokens, valid_len, positions, weights, labels, nsp = (torch.stack(c).numpy() for c in columns)
-    return statistics_of(tokens, valid_len, positions, weights, labels, nsp, dataset.vocab["<mask>"]), \
-        set(dataset.vocab.idx_to_token)
+    return statistics_of(tokens, valid_len, positions, weights, labels, nsp, dataset.vocab["<mask>"]), set(
+        dataset.vocab.idx_to_token
+    )
 
 
 def bertds_run(data_dir: Path, max_len: int, seed: int) -> tuple[dict, set]:
     examples, vocab = build_examples(resolve_corpus([str(data_dir)]), ExampleConfig(max_len=max_len, seed=seed))
     c = table_columns(examples.data.table)
-    return statistics_of(c["tokens"], c["valid_len"], c["pred_positions"], c["mlm_weights"], c["mlm_labels"],
-                         c["nsp_label"], vocab.mask_id), set(vocab.tokenizer.get_vocab())
+    return statistics_of(
+        c["tokens"],
+        c["valid_len"],
+        c["pred_positions"],
+        c["mlm_weights"],
+        c["mlm_labels"],
+        c["nsp_label"],
+        vocab.mask_id,
+    ), set(vocab.tokenizer.get_vocab())
 
 
 def stub_reference_imports() -> None:
     """The modules Google's and ALBERT's scripts import but their example creation never calls."""
-    flags = types.SimpleNamespace(FLAGS=None, **{f"DEFINE_{kind}": lambda *a, **k: None
-                                                for kind in ("string", "bool", "integer", "float", "enum")})
+    flags = types.SimpleNamespace(
+        FLAGS=None,
+        **{f"DEFINE_{kind}": lambda *a, **k: None for kind in ("string", "bool", "integer", "float", "enum")},
+    )
     tf = types.ModuleType("tensorflow")
     tf.flags, tf.compat = flags, types.SimpleNamespace(v1=tf)
     six = types.ModuleType("six")
@@ -103,9 +132,18 @@ def stub_reference_imports() -> None:
     tokenization = types.ModuleType("tokenization")
     albert = types.ModuleType("albert")
     albert.tokenization = tokenization
-    sys.modules.update({"tensorflow": tf, "tensorflow.compat": tf.compat, "tensorflow.compat.v1": tf, "six": six,
-                        "six.moves": six.moves, "tokenization": tokenization, "albert": albert,
-                        "albert.tokenization": tokenization})
+    sys.modules.update(
+        {
+            "tensorflow": tf,
+            "tensorflow.compat": tf.compat,
+            "tensorflow.compat.v1": tf,
+            "six": six,
+            "six.moves": six.moves,
+            "tokenization": tokenization,
+            "albert": albert,
+            "albert.tokenization": tokenization,
+        }
+    )
 
 
 def load_reference(path: Path, **flags) -> dict:
@@ -116,10 +154,15 @@ def load_reference(path: Path, **flags) -> dict:
     return namespace
 
 
-def bert_recipe_statistics(valid_len: np.ndarray, random_or_swapped: np.ndarray, predictions: np.ndarray | None,
-                           max_predictions: int) -> dict:
-    stats = {"examples": len(valid_len), "valid_len mean": valid_len.mean(), "valid_len < 64": (valid_len < 64).mean(),
-             "label 'random' share": random_or_swapped.mean()}
+def bert_recipe_statistics(
+    valid_len: np.ndarray, random_or_swapped: np.ndarray, predictions: np.ndarray | None, max_predictions: int
+) -> dict:
+    stats = {
+        "examples": len(valid_len),
+        "valid_len mean": valid_len.mean(),
+        "valid_len < 64": (valid_len < 64).mean(),
+        "label 'random' share": random_or_swapped.mean(),
+    }
     if predictions is not None:
         target = np.minimum(max_predictions, np.maximum(1, np.round(valid_len * 0.15)))
         stats.update({"predictions / example": predictions.mean(), "fewer than target": (predictions < target).mean()})
@@ -129,6 +172,7 @@ def bert_recipe_statistics(valid_len: np.ndarray, random_or_swapped: np.ndarray,
 def google_comparison(data_dir: Path, seeds: int, google: Path | None, albert: Path | None) -> None:
     from bertds.data.bert_examples import chunk_sentences
     from bertds.data.prepare import DOCUMENTS_PER_CHUNK, TokenizerChoice, bert_chunks, obtain_vocab
+
     max_len, max_predictions = 128, 20
     corpus = resolve_corpus([str(data_dir / "wiki.train.tokens")])
     vocab = obtain_vocab(corpus, TokenizerChoice("wordpiece"), None)
@@ -136,34 +180,71 @@ def google_comparison(data_dir: Path, seeds: int, google: Path | None, albert: P
     texts = [row["text"] for row in corpus.documents()]
     documents = []  # Google's all_documents: per document, per sentence, its WordPiece tokens
     for first in range(0, len(texts), DOCUMENTS_PER_CHUNK):
-        chunk = chunk_sentences(texts[first:first + DOCUMENTS_PER_CHUNK], vocab, corpus.wikitext, corpus.tokenized)
-        documents += [[[words[t] for t in chunk.ids[chunk.start[s]:chunk.end[s]]]
-                       for s in range(chunk.doc_bounds[d], chunk.doc_bounds[d + 1])] for d in range(chunk.num_docs)]
+        chunk = chunk_sentences(texts[first : first + DOCUMENTS_PER_CHUNK], vocab, corpus.wikitext, corpus.tokenized)
+        documents += [
+            [
+                [words[t] for t in chunk.ids[chunk.start[s] : chunk.end[s]]]
+                for s in range(chunk.doc_bounds[d], chunk.doc_bounds[d + 1])
+            ]
+            for d in range(chunk.num_docs)
+        ]
     stub_reference_imports()
     for name, path, sop, flags in (
-            ("Google NSP, whole-word masking", google, False, {"do_whole_word_mask": True}),
-            ("ALBERT SOP", albert, True, {"random_next_sentence": False, "do_whole_word_mask": False, "ngram": 1,
-                                          "favor_shorter_ngram": True, "do_permutation": False,
-                                          "spm_model_file": None})):
+        ("Google NSP, whole-word masking", google, False, {"do_whole_word_mask": True}),
+        (
+            "ALBERT SOP",
+            albert,
+            True,
+            {
+                "random_next_sentence": False,
+                "do_whole_word_mask": False,
+                "ngram": 1,
+                "favor_shorter_ngram": True,
+                "do_permutation": False,
+                "spm_model_file": None,
+            },
+        ),
+    ):
         if path is None:
             continue
         create = load_reference(path, **flags)["create_instances_from_document"]
         theirs, ours = [], []
         for seed in range(seeds):
             rng = random.Random(seed)
-            instances = [x for i in range(len(documents)) for x in create(
-                documents, i, max_len, 0.1, 0.0 if sop else 0.15, max_predictions, words, rng)]
-            theirs.append(bert_recipe_statistics(
-                np.asarray([len(x.tokens) for x in instances]), np.asarray([x.is_random_next for x in instances]),
-                None if sop else np.asarray([len(x.masked_lm_positions) for x in instances]), max_predictions))
-            config = ExampleConfig(max_len=max_len, recipe="bert", seed=seed, whole_word_masking=not sop,
-                                   sentence_task="sop" if sop else "nsp")
+            instances = [
+                x
+                for i in range(len(documents))
+                for x in create(documents, i, max_len, 0.1, 0.0 if sop else 0.15, max_predictions, words, rng)
+            ]
+            theirs.append(
+                bert_recipe_statistics(
+                    np.asarray([len(x.tokens) for x in instances]),
+                    np.asarray([x.is_random_next for x in instances]),
+                    None if sop else np.asarray([len(x.masked_lm_positions) for x in instances]),
+                    max_predictions,
+                )
+            )
+            config = ExampleConfig(
+                max_len=max_len,
+                recipe="bert",
+                seed=seed,
+                whole_word_masking=not sop,
+                sentence_task="sop" if sop else "nsp",
+            )
             parts = list(bert_chunks(corpus, vocab, config, streaming=False))
             c = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            ours.append(bert_recipe_statistics(c["valid_len"], c["nsp_label"] == (1 if sop else 0),
-                                               None if sop else (c["mlm_weights"] > 0).sum(axis=1), max_predictions))
-        print(f"\n{name}: WikiText-2 train, WordPiece {len(vocab)}, max_len {max_len}, {seeds} seeds each "
-              "('random': NSP random next segment; SOP swapped or from another document)")
+            ours.append(
+                bert_recipe_statistics(
+                    c["valid_len"],
+                    c["nsp_label"] == (1 if sop else 0),
+                    None if sop else (c["mlm_weights"] > 0).sum(axis=1),
+                    max_predictions,
+                )
+            )
+        print(
+            f"\n{name}: WikiText-2 train, WordPiece {len(vocab)}, max_len {max_len}, {seeds} seeds each "
+            "('random': NSP random next segment; SOP swapped or from another document)"
+        )
         print(f"{'statistic':<24} | {'reference script':>20} | {'bertds':>20} | agrees")
         for key in theirs[0]:
             print(row(key, [s[key] for s in theirs], [s[key] for s in ours]))
@@ -210,8 +291,10 @@ def main() -> None:
     print(f"{'statistic':<24} | {'d2l (package)':>20} | {'bertds':>20} | agrees")
     print(row("vocabulary size", [len(v[0]) for v in vocabularies], [len(v[1]) for v in vocabularies]))
     same = all(d2l_vocab == own_vocab for d2l_vocab, own_vocab in vocabularies)
-    print(f"{'vocabulary (as a set)':<24} | {'':>20} | {'':>20} | {'yes' if same else 'NO'}"
-          + ("" if same else f" ({len(vocabularies[0][0] ^ vocabularies[0][1])} tokens differ)"))
+    print(
+        f"{'vocabulary (as a set)':<24} | {'':>20} | {'':>20} | {'yes' if same else 'NO'}"
+        + ("" if same else f" ({len(vocabularies[0][0] ^ vocabularies[0][1])} tokens differ)")
+    )
     for name in theirs[0]:
         print(row(name, [s[name] for s in theirs], [s[name] for s in ours]))
 

@@ -4,6 +4,7 @@
 gathered prediction positions, plain ``torch.optim.Adam``. It computes exactly what ``bertds`` computes (GELU,
 post-LN, tied MLM decoder, tanh pooler, LayerNorm eps), so ``load_bertds_state_dict`` gives identical losses.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,7 +104,7 @@ class BERTEncoder(nn.Module):
 
     def forward(self, tokens, segments, valid_lens):
         x = self.token_embedding(tokens) + self.segment_embedding(segments)
-        x = self.dropout(self.ln(x + self.pos_embedding[:, :x.shape[1], :]))
+        x = self.dropout(self.ln(x + self.pos_embedding[:, : x.shape[1], :]))
         for blk in self.blks:
             x = blk(x, valid_lens)
         return x
@@ -112,9 +113,12 @@ class BERTEncoder(nn.Module):
 class MaskLM(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(c.hidden_size, c.hidden_size), nn.GELU(),
-                                 nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
-                                 nn.Linear(c.hidden_size, c.vocab_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(c.hidden_size, c.hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
+            nn.Linear(c.hidden_size, c.vocab_size),
+        )
 
     def forward(self, x, pred_positions):
         num_pred_positions = pred_positions.shape[1]
@@ -153,27 +157,39 @@ def pretraining_loss(net: BERTModel, batch: dict[str, torch.Tensor], vocab_size:
 
 def load_bertds_state_dict(net: BERTModel, state: dict[str, torch.Tensor]) -> None:
     """Copies a ``bertds.BertForPreTraining`` state dict into the reference (the fused qkv is split in three)."""
-    mapped = {"encoder.token_embedding.weight": state["bert.embeddings.word_embeddings.weight"],
-              "encoder.segment_embedding.weight": state["bert.embeddings.token_type_embeddings.weight"],
-              "encoder.pos_embedding": state["bert.embeddings.position_embeddings.weight"][None],
-              "encoder.ln.weight": state["bert.embeddings.LayerNorm.weight"],
-              "encoder.ln.bias": state["bert.embeddings.LayerNorm.bias"],
-              "hidden.0.weight": state["bert.pooler.dense.weight"], "hidden.0.bias": state["bert.pooler.dense.bias"],
-              "nsp.weight": state["nsp.seq_relationship.weight"], "nsp.bias": state["nsp.seq_relationship.bias"],
-              "mlm.mlp.0.weight": state["mlm.dense.weight"], "mlm.mlp.0.bias": state["mlm.dense.bias"],
-              "mlm.mlp.2.weight": state["mlm.LayerNorm.weight"], "mlm.mlp.2.bias": state["mlm.LayerNorm.bias"],
-              "mlm.mlp.3.weight": state["mlm.decoder.weight"], "mlm.mlp.3.bias": state["mlm.decoder.bias"]}
+    mapped = {
+        "encoder.token_embedding.weight": state["bert.embeddings.word_embeddings.weight"],
+        "encoder.segment_embedding.weight": state["bert.embeddings.token_type_embeddings.weight"],
+        "encoder.pos_embedding": state["bert.embeddings.position_embeddings.weight"][None],
+        "encoder.ln.weight": state["bert.embeddings.LayerNorm.weight"],
+        "encoder.ln.bias": state["bert.embeddings.LayerNorm.bias"],
+        "hidden.0.weight": state["bert.pooler.dense.weight"],
+        "hidden.0.bias": state["bert.pooler.dense.bias"],
+        "nsp.weight": state["nsp.seq_relationship.weight"],
+        "nsp.bias": state["nsp.seq_relationship.bias"],
+        "mlm.mlp.0.weight": state["mlm.dense.weight"],
+        "mlm.mlp.0.bias": state["mlm.dense.bias"],
+        "mlm.mlp.2.weight": state["mlm.LayerNorm.weight"],
+        "mlm.mlp.2.bias": state["mlm.LayerNorm.bias"],
+        "mlm.mlp.3.weight": state["mlm.decoder.weight"],
+        "mlm.mlp.3.bias": state["mlm.decoder.bias"],
+    }
     for i in range(len(net.encoder.blks)):
         src, dst = f"bert.encoder.layer.{i}.", f"encoder.blks.{i}."
         for kind in ("weight", "bias"):
             q, k, v = state[f"{src}attention.qkv.{kind}"].chunk(3)
-            mapped.update({f"{dst}attention.W_q.{kind}": q, f"{dst}attention.W_k.{kind}": k,
-                           f"{dst}attention.W_v.{kind}": v,
-                           f"{dst}attention.W_o.{kind}": state[f"{src}attention.dense.{kind}"],
-                           f"{dst}addnorm1.ln.{kind}": state[f"{src}attention_LayerNorm.{kind}"],
-                           f"{dst}ffn.dense1.{kind}": state[f"{src}intermediate.{kind}"],
-                           f"{dst}ffn.dense2.{kind}": state[f"{src}output.{kind}"],
-                           f"{dst}addnorm2.ln.{kind}": state[f"{src}output_LayerNorm.{kind}"]})
+            mapped.update(
+                {
+                    f"{dst}attention.W_q.{kind}": q,
+                    f"{dst}attention.W_k.{kind}": k,
+                    f"{dst}attention.W_v.{kind}": v,
+                    f"{dst}attention.W_o.{kind}": state[f"{src}attention.dense.{kind}"],
+                    f"{dst}addnorm1.ln.{kind}": state[f"{src}attention_LayerNorm.{kind}"],
+                    f"{dst}ffn.dense1.{kind}": state[f"{src}intermediate.{kind}"],
+                    f"{dst}ffn.dense2.{kind}": state[f"{src}output.{kind}"],
+                    f"{dst}addnorm2.ln.{kind}": state[f"{src}output_LayerNorm.{kind}"],
+                }
+            )
     with torch.no_grad():
         for name, p in net.state_dict().items():
             p.copy_(mapped[name])

@@ -5,6 +5,7 @@ data wait per step. Runs unchanged on CPU (gloo) and CUDA (nccl), with plain pyt
     deepspeed --num_gpus 8 bench/throughput.py --model large --max-len 512 --micro-batch 8 --zero 2 \
         --precision bf16 --peak-tflops 989
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ class BenchConfig(JobShape):
     zero: int = redefault(JobShape, "zero", 0)
     precision: str = redefault(JobShape, "precision", "fp32")
     compile: bool = option(False, "torch.compile the encoder")
-    mlm_loss: str = option("fused", "fused: MLM loss inside the model on the real slots (the default step); "
-                                    "logits: the (B, P, V) logits path", choices=list(STEPS))
+    mlm_loss: str = option(
+        "fused",
+        "fused: MLM loss inside the model on the real slots (the default step); logits: the (B, P, V) logits path",
+        choices=list(STEPS),
+    )
     warmup: int = option(3, "untimed steps first")
     steps: int = option(10, "timed steps")
     log_interval: int = option(5, "steps between loss reads (host syncs)")
@@ -66,9 +70,13 @@ def ds_config(cfg: BenchConfig) -> dict:
     # torch's fused Adam (one kernel per dtype/device group, CPU and CUDA) instead of DeepSpeed's JIT-built one;
     # adam_w_mode False: DeepSpeed's "Adam" is AdamW otherwise.
     adam = {"lr": cfg.lr, "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False, "fused": True}
-    config = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "Adam", "params": adam},
-              "zero_optimization": {"stage": cfg.zero}, "steps_per_print": 10 ** 9}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": adam},
+        "zero_optimization": {"stage": cfg.zero},
+        "steps_per_print": 10**9,
+    }
     if cfg.precision != "fp32":
         config[cfg.precision] = {"enabled": True}
     return config
@@ -99,6 +107,7 @@ class Prefetcher:
 def split_parameters(model: BertForPreTraining) -> tuple[int, int]:
     """(weights applied to every token: encoder layers, pooler, NSP; weights applied per prediction slot: MLM head
     with the tied decoder). Embedding tables are lookups, not matmuls, and are left out."""
+
     def unique(module: torch.nn.Module) -> dict[int, int]:
         return {id(p): p.numel() for p in module.parameters()}
 
@@ -113,8 +122,10 @@ def model_flops(config: BertConfig, per_token: int, per_slot: int, tokens: int, 
     return 6 * (per_token * tokens + per_slot * slots) + 12 * config.num_layers * config.hidden_size * seq_len * tokens
 
 
-FLOPS_FORMULA = ("6·(N_tok·B·L + N_mlm·S) + 12·layers·hidden·L·B·L; N_tok = encoder+pooler+NSP weights, N_mlm = MLM "
-                 "head incl. tied decoder, S = real prediction slots, embedding lookups not counted")
+FLOPS_FORMULA = (
+    "6·(N_tok·B·L + N_mlm·S) + 12·layers·hidden·L·B·L; N_tok = encoder+pooler+NSP weights, N_mlm = MLM "
+    "head incl. tied decoder, S = real prediction slots, embedding lookups not counted"
+)
 
 
 def achieved(flops_per_s: float, peak_tflops: float | None) -> tuple[float, float | None]:
@@ -188,32 +199,45 @@ def run(cfg: BenchConfig) -> dict:
     elapsed, slots, step_times, logged = timed.elapsed, timed.slots, timed.step_times, timed.logged
 
     sequences = cfg.micro_batch * cfg.steps
-    totals = torch.tensor([sequences, sequences * cfg.max_len, slots, prefetch.wait_s, elapsed],
-                          dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [sequences, sequences * cfg.max_len, slots, prefetch.wait_s, elapsed], dtype=torch.float64, device=device
+    )
     dist.all_reduce(totals)  # sums over ranks (wait and elapsed: averaged below)
     sequences, tokens, slots_total, wait_s, elapsed = totals.tolist()
     wait_s, elapsed = wait_s / world_size, elapsed / world_size
     flops = model_flops(model.config, per_token, per_slot, int(tokens), int(slots_total), cfg.max_len)
     tflops_per_device = flops / elapsed / world_size / 1e12
-    result = {"step_s": elapsed / cfg.steps, "sequences_per_s": sequences / elapsed, "tokens_per_s": tokens / elapsed,
-              "tflops_per_device": tflops_per_device, "data_wait_pct": 100 * wait_s / elapsed,
-              "mfu_pct": achieved(tflops_per_device * 1e12, cfg.peak_tflops)[1],
-              "median_step_s": statistics.median(step_times[cfg.warmup:]), "losses": logged,
-              "world_size": world_size, "device": str(device)}
+    result = {
+        "step_s": elapsed / cfg.steps,
+        "sequences_per_s": sequences / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "tflops_per_device": tflops_per_device,
+        "data_wait_pct": 100 * wait_s / elapsed,
+        "mfu_pct": achieved(tflops_per_device * 1e12, cfg.peak_tflops)[1],
+        "median_step_s": statistics.median(step_times[cfg.warmup :]),
+        "losses": logged,
+        "world_size": world_size,
+        "device": str(device),
+    }
     if rank == 0:
-        print(f"bertds throughput | model {cfg.model} | max_len {cfg.max_len} | micro batch {cfg.micro_batch} × "
-              f"{world_size} rank(s) on {device.type} | ZeRO-{cfg.zero} | {cfg.precision} | "
-              f"{'compiled' if cfg.compile else 'eager'} | MLM loss {cfg.mlm_loss} | threads/rank "
-              f"{torch.get_num_threads()}")
+        print(
+            f"bertds throughput | model {cfg.model} | max_len {cfg.max_len} | micro batch {cfg.micro_batch} × "
+            f"{world_size} rank(s) on {device.type} | ZeRO-{cfg.zero} | {cfg.precision} | "
+            f"{'compiled' if cfg.compile else 'eager'} | MLM loss {cfg.mlm_loss} | threads/rank "
+            f"{torch.get_num_threads()}"
+        )
         for step, mlm, nsp in logged:
             print(f"step {step:>4} | mlm {mlm:.3f} | nsp {nsp:.3f}")
-        print(f"{cfg.warmup} warm-up + {cfg.steps} timed steps: {result['step_s']:.3f} s/step (median "
-              f"{result['median_step_s']:.3f}) | {result['sequences_per_s']:.1f} sequences/s | "
-              f"{result['tokens_per_s']:.0f} tokens/s (padded) | data wait {result['data_wait_pct']:.2f}% of step time")
+        print(
+            f"{cfg.warmup} warm-up + {cfg.steps} timed steps: {result['step_s']:.3f} s/step (median "
+            f"{result['median_step_s']:.3f}) | {result['sequences_per_s']:.1f} sequences/s | "
+            f"{result['tokens_per_s']:.0f} tokens/s (padded) | data wait {result['data_wait_pct']:.2f}% of step time"
+        )
         print(f"model FLOPs {flops / cfg.steps:.3e}/step = {FLOPS_FORMULA}")
         mfu = f"{result['mfu_pct']:.1f}% of {cfg.peak_tflops} TFLOP/s" if cfg.peak_tflops else "n/a (--peak-tflops)"
-        print(f"achieved {tflops_per_device * 1e3:.1f} GFLOP/s ({tflops_per_device:.3f} TFLOP/s) per device | "
-              f"MFU {mfu}")
+        print(
+            f"achieved {tflops_per_device * 1e3:.1f} GFLOP/s ({tflops_per_device:.3f} TFLOP/s) per device | MFU {mfu}"
+        )
     return result
 
 

@@ -24,6 +24,7 @@ MLM accuracy (and loss), as a fraction of Hugging Face's training time.
 where the same held-out loss is expected up to the noise of data order and dropout (the accuracy too, once past
 the frequent-token regime, where it is the share of whichever token the model predicts everywhere).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,39 +59,89 @@ SCORED = ("step", "train_seconds", "mlm_accuracy", "mlm_loss")
 
 def prepare(args, out: Path, mask_prob: float = 0.15) -> Path:
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "launcher" / "prepare_data.py"), "--data-dir", args.data_dir,
-                        "--tokenizer", "wordpiece", "--recipe", "bert", "--max-len", str(args.max_len),
-                        "--mask-prob", str(mask_prob), "--seed", str(args.seed), "--out", str(out)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "launcher" / "prepare_data.py"),
+                "--data-dir",
+                args.data_dir,
+                "--tokenizer",
+                "wordpiece",
+                "--recipe",
+                "bert",
+                "--max-len",
+                str(args.max_len),
+                "--mask-prob",
+                str(mask_prob),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return out
 
 
 def check_same_examples(first: Path, second: Path) -> None:
     """The two prepared directories hold the same pairs (tokenizer, count, held-out tokens); only masks differ."""
     a, b = load_prepared(first), load_prepared(second)
-    heldout = [load_prepared(p / f"{HELDOUT_PREFIX}validation").examples.with_format("numpy")[:50]["tokens"]
-               for p in (first, second)]
-    if (a.vocab.fingerprint() != b.vocab.fingerprint() or len(a.examples) != len(b.examples)
-            or not np.array_equal(*heldout)):
+    heldout = [
+        load_prepared(p / f"{HELDOUT_PREFIX}validation").examples.with_format("numpy")[:50]["tokens"]
+        for p in (first, second)
+    ]
+    if (
+        a.vocab.fingerprint() != b.vocab.fingerprint()
+        or len(a.examples) != len(b.examples)
+        or not np.array_equal(*heldout)
+    ):
         raise SystemExit(f"error: {first} and {second} do not hold the same examples; prepare both again")
 
 
 # --- bertds -----------------------------------------------------------------------------------------------------
 
-def run_bertds(args, prepared: Path, recipe: Path, flags, out: Path, steps: int, eval_interval: int,
-               eval_examples: int) -> list[dict]:
-    command = [sys.executable, str(REPO / "launcher" / "pretrain.py"), "--prepared", str(prepared),
-               "--max-len", str(args.max_len), "--model", args.model, "--deepspeed_config", str(recipe), *flags,
-               "--max-steps", str(steps), "--eval-interval", str(eval_interval), "--eval-examples",
-               str(eval_examples), "--log-interval", "1", "--output-dir", str(out), "--overwrite",
-               "--no-wandb", "--seed", str(args.seed)]
+
+def run_bertds(
+    args, prepared: Path, recipe: Path, flags, out: Path, steps: int, eval_interval: int, eval_examples: int
+) -> list[dict]:
+    command = [
+        sys.executable,
+        str(REPO / "launcher" / "pretrain.py"),
+        "--prepared",
+        str(prepared),
+        "--max-len",
+        str(args.max_len),
+        "--model",
+        args.model,
+        "--deepspeed_config",
+        str(recipe),
+        *flags,
+        "--max-steps",
+        str(steps),
+        "--eval-interval",
+        str(eval_interval),
+        "--eval-examples",
+        str(eval_examples),
+        "--log-interval",
+        "1",
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--no-wandb",
+        "--seed",
+        str(args.seed),
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return read_metrics(out, None)
 
 
 def bertds_seconds_per_step(args, prepared: Path, recipe: Path, flags, workdir: Path) -> float:
-    records = [r for r in run_bertds(args, prepared, recipe, flags, workdir / "bertds-calibration",
-                                     CALIBRATION_STEPS, 0, 1) if "split" not in r]
+    records = [
+        r
+        for r in run_bertds(args, prepared, recipe, flags, workdir / "bertds-calibration", CALIBRATION_STEPS, 0, 1)
+        if "split" not in r
+    ]
     batch = json.loads(recipe.read_text())["train_batch_size"]
     return float(np.median([batch / r["pairs_per_s"] for r in records[1:]]))
 
@@ -98,13 +149,21 @@ def bertds_seconds_per_step(args, prepared: Path, recipe: Path, flags, workdir: 
 def hf_settings_as_ds_config(batch: int, workdir: Path) -> Path:
     """``HF_SETTINGS`` as a DeepSpeed JSON, for bertds' side of the equal-steps check."""
     s = HF_SETTINGS
-    config = {"train_batch_size": batch, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": s["lr"], "betas": list(s["betas"]), "eps": s["eps"],
-                                                        "weight_decay": s["weight_decay"]}},
-              "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_type": "linear",
-                                                                "warmup_num_steps": s["warmup_steps"]}},
-              "gradient_clipping": s["max_grad_norm"], "zero_optimization": {"stage": 0},
-              "steps_per_print": 10 ** 9}
+    config = {
+        "train_batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": s["lr"], "betas": list(s["betas"]), "eps": s["eps"], "weight_decay": s["weight_decay"]},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_type": "linear", "warmup_num_steps": s["warmup_steps"]},
+        },
+        "gradient_clipping": s["max_grad_norm"],
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+    }
     path = workdir / "hf_settings.json"
     path.write_text(json.dumps(config))
     return path
@@ -115,6 +174,7 @@ def scored(records: list[dict]) -> list[dict]:
 
 
 # --- Hugging Face -----------------------------------------------------------------------------------------------
+
 
 class HFExamples(torch.utils.data.Dataset):
     """The prepared examples in Hugging Face's conventions."""
@@ -148,17 +208,34 @@ def run_hf(args, prepared: Path, heldout, steps: int, eval_interval: int, workdi
     import transformers
 
     from bertds.hf import from_hf_state_dict, to_hf_config
+
     data = load_prepared(prepared)
     config = get_config(args.model, vocab_size=len(data.vocab), pad_token_id=data.vocab.pad_id)
     s = HF_SETTINGS
     transformers.set_seed(args.seed)
     model = transformers.BertForPreTraining(to_hf_config(config))
     training_args = transformers.TrainingArguments(
-        output_dir=str(workdir / "hf"), max_steps=steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=s["lr"], adam_beta1=s["betas"][0], adam_beta2=s["betas"][1], adam_epsilon=s["eps"],
-        weight_decay=s["weight_decay"], lr_scheduler_type="linear", warmup_steps=s["warmup_steps"],
-        max_grad_norm=s["max_grad_norm"], bf16=bf16, seed=args.seed, save_strategy="no", eval_strategy="no",
-        report_to=[], logging_steps=10 ** 9, disable_tqdm=True, dataloader_drop_last=True, use_cpu=True)
+        output_dir=str(workdir / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=s["lr"],
+        adam_beta1=s["betas"][0],
+        adam_beta2=s["betas"][1],
+        adam_epsilon=s["eps"],
+        weight_decay=s["weight_decay"],
+        lr_scheduler_type="linear",
+        warmup_steps=s["warmup_steps"],
+        max_grad_norm=s["max_grad_norm"],
+        bf16=bf16,
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        logging_steps=10**9,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        use_cpu=True,
+    )
     curve: list[dict] = []
 
     class HeldOut(transformers.TrainerCallback):
@@ -178,8 +255,9 @@ def run_hf(args, prepared: Path, heldout, steps: int, eval_interval: int, workdi
             curve.append({"step": state.global_step, "train_seconds": seconds, **metrics})
             self.eval_time += time.perf_counter() - began
 
-    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=HFExamples(data.examples),
-                                   callbacks=[HeldOut()])
+    trainer = transformers.Trainer(
+        model=model, args=training_args, train_dataset=HFExamples(data.examples), callbacks=[HeldOut()]
+    )
     trainer.train()
     return [{k: c[k] for k in SCORED} for c in curve]
 
@@ -191,6 +269,7 @@ def hf_seconds_per_step(args, prepared: Path, heldout, workdir: Path, bf16: bool
 
 
 # --- report -----------------------------------------------------------------------------------------------------
+
 
 def time_to_reach(curve: list[dict], target: float, metric: str = "mlm_accuracy") -> float | None:
     """Training seconds at which the curve first reaches ``target`` (linear between evaluations): an accuracy at
@@ -217,39 +296,48 @@ def report_budget(bertds_curve: list[dict], hf_curve: list[dict], budget: float)
     print_curve("bertds", bertds_curve)
     print_curve("Hugging Face", hf_curve)
     hf_final, final, hf_seconds = hf_curve[-1], bertds_curve[-1], hf_curve[-1]["train_seconds"]
-    print(f"\nHugging Face: {hf_final['step']} steps in {hf_seconds:.0f} s (budget {budget:.0f} s), final held-out MLM "
-          f"accuracy {hf_final['mlm_accuracy']:.4f}, loss {hf_final['mlm_loss']:.3f}; bertds: {final['step']} steps in "
-          f"{final['train_seconds']:.0f} s, final accuracy {final['mlm_accuracy']:.4f}, loss {final['mlm_loss']:.3f}")
+    print(
+        f"\nHugging Face: {hf_final['step']} steps in {hf_seconds:.0f} s (budget {budget:.0f} s), final held-out MLM "
+        f"accuracy {hf_final['mlm_accuracy']:.4f}, loss {hf_final['mlm_loss']:.3f}; bertds: {final['step']} steps in "
+        f"{final['train_seconds']:.0f} s, final accuracy {final['mlm_accuracy']:.4f}, loss {final['mlm_loss']:.3f}"
+    )
     # The loss too: in the frequent-token regime the accuracy is the share of one token ("the": 0.068 here).
     for metric, name in (("mlm_accuracy", "accuracy"), ("mlm_loss", "loss")):
         reached = time_to_reach(bertds_curve, hf_final[metric], metric)
         if reached is None:
             print(f"bertds did not reach Hugging Face's final held-out MLM {name} within its budget")
         else:
-            print(f"bertds reaches Hugging Face's final held-out MLM {name} after {reached:.0f} s: "
-                  f"{reached / hf_seconds:.3f} of Hugging Face's training time "
-                  f"(1/{hf_seconds / max(reached, 1e-9):.1f})")
+            print(
+                f"bertds reaches Hugging Face's final held-out MLM {name} after {reached:.0f} s: "
+                f"{reached / hf_seconds:.3f} of Hugging Face's training time "
+                f"(1/{hf_seconds / max(reached, 1e-9):.1f})"
+            )
 
 
 def report_equal_steps(bertds_curve: list[dict], hf_curve: list[dict]) -> None:
     by_step = {p["step"]: p for p in bertds_curve}
     print("\nat equal steps, same math (post-LN, NSP, masks at 15%, fp32, the same optimizer and schedule)")
-    print(f"{'step':>6} {'HF acc':>8} {'bertds acc':>10} {'HF loss':>8} {'bertds loss':>11} {'HF s':>7} "
-          f"{'bertds s':>9}")
+    print(
+        f"{'step':>6} {'HF acc':>8} {'bertds acc':>10} {'HF loss':>8} {'bertds loss':>11} {'HF s':>7} {'bertds s':>9}"
+    )
     for p in hf_curve:
         if p["step"] in by_step:
             b = by_step[p["step"]]
-            print(f"{p['step']:>6} {p['mlm_accuracy']:>8.4f} {b['mlm_accuracy']:>10.4f} {p['mlm_loss']:>8.3f} "
-                  f"{b['mlm_loss']:>11.3f} {p['train_seconds']:>7.1f} {b['train_seconds']:>9.1f}")
+            print(
+                f"{p['step']:>6} {p['mlm_accuracy']:>8.4f} {b['mlm_accuracy']:>10.4f} {p['mlm_loss']:>8.3f} "
+                f"{b['mlm_loss']:>11.3f} {p['train_seconds']:>7.1f} {b['train_seconds']:>9.1f}"
+            )
 
 
 # --- the two modes ----------------------------------------------------------------------------------------------
 
+
 def equal_steps(args, prepared: Path, heldout, workdir: Path) -> None:
     interval = max(1, args.equal_steps // args.evals)
     recipe = hf_settings_as_ds_config(args.batch_size, workdir)
-    bertds_curve = scored(run_bertds(args, prepared, recipe, (), workdir / "bertds", args.equal_steps, interval,
-                                     len(heldout)))
+    bertds_curve = scored(
+        run_bertds(args, prepared, recipe, (), workdir / "bertds", args.equal_steps, interval, len(heldout))
+    )
     hf_curve = run_hf(args, prepared, heldout, args.equal_steps, interval, workdir, bf16=False)
     report_equal_steps(bertds_curve, hf_curve)
 
@@ -265,11 +353,24 @@ def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
     bertds_steps, hf_steps = max(1, int(args.budget_s / bertds_step)), max(1, int(args.budget_s / hf_step))
     # bertds is evaluated more often: the headline needs its curve early in the budget.
     hf_interval, bertds_interval = max(1, round(hf_steps / args.evals)), max(1, round(bertds_steps / (2 * args.evals)))
-    print(f"calibration: bertds {bertds_step:.2f} s/step -> {bertds_steps} steps, evaluated every {bertds_interval}; "
-          f"Hugging Face ({'bf16 mixed precision' if bf16 else 'fp32'}) {hf_step:.2f} s/step -> {hf_steps} steps, "
-          f"evaluated every {hf_interval}; {len(heldout)} held-out examples", flush=True)
-    bertds_curve = scored(run_bertds(args, bertds_prepared, BERTDS_RECIPE, BERTDS_FLAGS, workdir / "bertds",
-                                     bertds_steps, bertds_interval, len(heldout)))
+    print(
+        f"calibration: bertds {bertds_step:.2f} s/step -> {bertds_steps} steps, evaluated every {bertds_interval}; "
+        f"Hugging Face ({'bf16 mixed precision' if bf16 else 'fp32'}) {hf_step:.2f} s/step -> {hf_steps} steps, "
+        f"evaluated every {hf_interval}; {len(heldout)} held-out examples",
+        flush=True,
+    )
+    bertds_curve = scored(
+        run_bertds(
+            args,
+            bertds_prepared,
+            BERTDS_RECIPE,
+            BERTDS_FLAGS,
+            workdir / "bertds",
+            bertds_steps,
+            bertds_interval,
+            len(heldout),
+        )
+    )
     hf_curve = run_hf(args, prepared, heldout, hf_steps, hf_interval, workdir, bf16)
     report_budget(bertds_curve, hf_curve, args.budget_s)
 
@@ -277,15 +378,25 @@ def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "wikitext-2"))
-    p.add_argument("--prepared", help="a directory of launcher/prepare_data.py (WordPiece, bert recipe, masks at 15%%, "
-                                      "this --seed) to reuse")
+    p.add_argument(
+        "--prepared",
+        help="a directory of launcher/prepare_data.py (WordPiece, bert recipe, masks at 15%%, this --seed) to reuse",
+    )
     p.add_argument("--budget-s", type=float, default=400, help="training seconds per side (evaluation excluded)")
-    p.add_argument("--equal-steps", type=int, default=0,
-                   help="instead of a budget: both sides N steps with the same math, printed at equal steps")
+    p.add_argument(
+        "--equal-steps",
+        type=int,
+        default=0,
+        help="instead of a budget: both sides N steps with the same math, printed at equal steps",
+    )
     p.add_argument("--model", default="small")
     p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=json.loads(BERTDS_RECIPE.read_text())["train_batch_size"],
-                   help="Hugging Face's batch (and both sides' with --equal-steps); default: bertds' recipe's")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=json.loads(BERTDS_RECIPE.read_text())["train_batch_size"],
+        help="Hugging Face's batch (and both sides' with --equal-steps); default: bertds' recipe's",
+    )
     p.add_argument("--hf-fp32", action="store_true", help="Hugging Face in fp32 even where the CPU has bf16")
     p.add_argument("--eval-examples", type=int, default=300, help="held-out examples scored at each evaluation")
     p.add_argument("--evals", type=int, default=6, help="evaluations of the Hugging Face run (bertds: twice as many)")

@@ -10,6 +10,7 @@ median step time, pairs/s, achieved GFLOP/s (and the share of --peak-tflops) and
 
     python bench/vs_reference.py --model tiny --max-len 64 --batch 512 --threads 2 [--peak-tflops 0.17]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,10 @@ def d2l_contender(d2l, cfg: BenchConfig, vocab_size: int, pad_id: int, batch: Ba
     net = d2l_book.build_bert(d2l, source.config, d2l_book.to_d2l_batch(batch))
     net = net.to(get_accelerator().current_device_name())
     unmapped = d2l_book.load_bertds_weights(net, source.state_dict())
-    print(f"d2l {d2l_book.d2l_version()}: bertds' initial weights copied into d2l.BERTModel except {unmapped} "
-          "(no counterpart); d2l's own ReLU, LayerNorm eps 1e-5, untied decoder")
+    print(
+        f"d2l {d2l_book.d2l_version()}: bertds' initial weights copied into d2l.BERTModel except {unmapped} "
+        "(no counterpart); d2l's own ReLU, LayerNorm eps 1e-5, untied decoder"
+    )
     trainer = d2l_book.BookTrainer(d2l, net, vocab_size, cfg.lr)
     return Contender("d2l (its own code)", trainer.step, net.train, lambda: trainer.timer_s)
 
@@ -120,8 +123,13 @@ def hf_contender(cfg: BenchConfig, vocab_size: int, pad_id: int) -> Contender | 
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(real)
         labels[rows[real], batch["pred_positions"].long()[real]] = batch["mlm_labels"].long()[real]
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < batch["valid_len"][:, None]
-        loss = net(input_ids=tokens, token_type_ids=batch["segments"].long(), attention_mask=mask.long(),
-                   labels=labels, next_sentence_label=batch["nsp_label"].long()).loss
+        loss = net(
+            input_ids=tokens,
+            token_type_ids=batch["segments"].long(),
+            attention_mask=mask.long(),
+            labels=labels,
+            next_sentence_label=batch["nsp_label"].long(),
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -134,8 +142,7 @@ def check_same_computation(cfg: BenchConfig, vocab_size: int, pad_id: int, batch
     """bertds' step against the replica: equal total losses on steps 1 and 2 (eval mode, one update between)."""
     print("same computation: total loss (MLM + NSP) on steps 1 and 2 from the same initial weights, eval mode")
     losses = {}
-    for c in (replica_contender(cfg, vocab_size, pad_id),
-              bertds_contender("bertds", cfg, vocab_size, pad_id, "fused")):
+    for c in (replica_contender(cfg, vocab_size, pad_id), bertds_contender("bertds", cfg, vocab_size, pad_id, "fused")):
         c.set_training(False)
         losses[c.name] = [c.step(batches[i]).item() for i in range(2)]
         print(f"  {c.name:<32} {losses[c.name][0]:.6f}  {losses[c.name][1]:.6f}")
@@ -151,7 +158,7 @@ def time_rounds(contenders: list[Contender], batches: list[Batch], rounds: int, 
     for c in contenders:  # warm-up (and compilation) in training mode
         c.step(next(cycle)).item()
     for r in range(rounds):
-        for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+        for c in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
             start, own = time.perf_counter(), c.timer() if c.timer else None
             for _ in range(steps):
                 loss = c.step(next(cycle))
@@ -178,13 +185,17 @@ def main_run(cfg: BenchConfig, rounds: int, steps_per_round: int, transformers: 
         raise UserError("the d2l package is not installed; pip install d2l --no-deps")
     batch_list = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(iter(batches), 4)]
     vocab_size, pad_id = len(data.vocab), data.vocab.pad_id
-    print(f"model {cfg.model} | max_len {cfg.max_len} | batch {cfg.micro_batch} | {cfg.precision} | {device} | "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} | lr {cfg.lr} | "
-          "batches: bertds' d2l-recipe batches for all")
+    print(
+        f"model {cfg.model} | max_len {cfg.max_len} | batch {cfg.micro_batch} | {cfg.precision} | {device} | "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']} | lr {cfg.lr} | "
+        "batches: bertds' d2l-recipe batches for all"
+    )
     check_same_computation(cfg, vocab_size, pad_id, batch_list)
 
-    contenders = [d2l_contender(d2l, cfg, vocab_size, pad_id, batch_list[0]),
-                  bertds_contender("bertds (engine micro_step)", cfg, vocab_size, pad_id, "fused")]
+    contenders = [
+        d2l_contender(d2l, cfg, vocab_size, pad_id, batch_list[0]),
+        bertds_contender("bertds (engine micro_step)", cfg, vocab_size, pad_id, "fused"),
+    ]
     times = time_rounds(contenders, batch_list, rounds, steps_per_round)
     if transformers:  # all B·L MLM logits (GBs at batch 512): timed apart, so its memory traffic hits no one else
         hf = hf_contender(cfg, vocab_size, pad_id)
@@ -197,18 +208,27 @@ def main_run(cfg: BenchConfig, rounds: int, steps_per_round: int, transformers: 
     per_token, per_slot = split_parameters(model)
     slots = statistics.mean(int((b["mlm_weights"] > 0).sum()) for b in batch_list)
     flops = model_flops(model.config, per_token, per_slot, cfg.micro_batch * cfg.max_len, slots, cfg.max_len)
-    print(f"training step, median of {rounds} rounds × {steps_per_round} steps (dropout on, as the recipe); "
-          f"GFLOP/s of bertds' model FLOPs ({flops / 1e9:.1f} GFLOP/step, as bench/throughput.py counts them)")
+    print(
+        f"training step, median of {rounds} rounds × {steps_per_round} steps (dropout on, as the recipe); "
+        f"GFLOP/s of bertds' model FLOPs ({flops / 1e9:.1f} GFLOP/step, as bench/throughput.py counts them)"
+    )
     ref_time = statistics.median(times[contenders[0].name])
     result = {}
     for c in contenders:
         t = statistics.median(times[c.name])
         gflops, share = achieved(flops / t, cfg.peak_tflops)
-        result[c.name] = {"step_s": t, "pairs_per_s": cfg.micro_batch / t, "speedup": ref_time / t,
-                          "gflops": gflops, "peak_pct": share}
-        print(f"  {c.name:<28} {t:.3f} s/step  {cfg.micro_batch / t:8.1f} pairs/s  ×{ref_time / t:.2f} vs d2l  "
-              f"{gflops:6.1f} GFLOP/s{f' ({share:.1f}% of peak)' if share is not None else ''}"
-              f"  (rounds: {' '.join(f'{x:.2f}' for x in times[c.name])})")
+        result[c.name] = {
+            "step_s": t,
+            "pairs_per_s": cfg.micro_batch / t,
+            "speedup": ref_time / t,
+            "gflops": gflops,
+            "peak_pct": share,
+        }
+        print(
+            f"  {c.name:<28} {t:.3f} s/step  {cfg.micro_batch / t:8.1f} pairs/s  ×{ref_time / t:.2f} vs d2l  "
+            f"{gflops:6.1f} GFLOP/s{f' ({share:.1f}% of peak)' if share is not None else ''}"
+            f"  (rounds: {' '.join(f'{x:.2f}' for x in times[c.name])})"
+        )
     return result
 
 
@@ -229,8 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def run() -> dict:
-        cfg = BenchConfig(model=args.model, max_len=args.max_len, micro_batch=args.batch, compile=args.compile,
-                          precision=args.precision, lr=args.lr, peak_tflops=args.peak_tflops, data_dir=args.data_dir)
+        cfg = BenchConfig(
+            model=args.model,
+            max_len=args.max_len,
+            micro_batch=args.batch,
+            compile=args.compile,
+            precision=args.precision,
+            lr=args.lr,
+            peak_tflops=args.peak_tflops,
+            data_dir=args.data_dir,
+        )
         return main_run(cfg, args.rounds, args.steps_per_round, args.transformers, args.threads)
 
     try:

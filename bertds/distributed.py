@@ -1,4 +1,5 @@
 """Process-group setup that works under the deepspeed launcher, torchrun, SLURM and a plain ``python``."""
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,10 @@ def check_master_port() -> None:
         try:
             s.bind(("", int(port)))
         except OSError as e:
-            raise UserError(f"the master port {port} is in use ({e.strerror}), probably by another run; pass another "
-                            "--master_port to the deepspeed launcher (torchrun: --master-port), or set MASTER_PORT") \
-                from None
+            raise UserError(
+                f"the master port {port} is in use ({e.strerror}), probably by another run; pass another "
+                "--master_port to the deepspeed launcher (torchrun: --master-port), or set MASTER_PORT"
+            ) from None
 
 
 def init_distributed() -> tuple[int, int]:

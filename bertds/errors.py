@@ -1,4 +1,5 @@
 """Errors caused by the user's input (bad flags, data, configs) and the exit codes of every bertds command."""
+
 from __future__ import annotations
 
 import os

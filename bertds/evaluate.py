@@ -7,6 +7,7 @@ seed, cached like the training data), so every evaluation of every run on that d
 A run directory or DeepSpeed checkpoint brings its data recipe (``train_config.json``); for a Hugging Face
 directory pass the data flags of the run (``--data-dir``, ``--recipe``, ``--max-len``, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,22 +53,31 @@ class EvalConfig:
     """Held-out evaluation flags of ``launcher/pretrain.py``."""
 
     interval: int = option(0, "steps between held-out evaluations (0: only at the end of the run)")
-    split: str = option("validation", "held-out split of the corpus (WikiText: wiki.valid.tokens; hub: its "
-                                      "validation split)")
-    corpus: list[str] | None = option(None, "held-out text instead (same forms as --corpus); default: the "
-                                            "training corpus' --eval-split")
-    examples: int = option(DEFAULT_EXAMPLES, f"score the first K held-out examples (default {DEFAULT_EXAMPLES}; "
-                                             "0: all)")
+    split: str = option(
+        "validation", "held-out split of the corpus (WikiText: wiki.valid.tokens; hub: its validation split)"
+    )
+    corpus: list[str] | None = option(
+        None, "held-out text instead (same forms as --corpus); default: the training corpus' --eval-split"
+    )
+    examples: int = option(
+        DEFAULT_EXAMPLES, f"score the first K held-out examples (default {DEFAULT_EXAMPLES}; 0: all)"
+    )
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.examples < 0:
-            raise UserError(f"--eval-interval {self.interval} / --eval-examples {self.examples}: both must be 0 "
-                            "or more (interval 0: only at the end; examples 0: all)")
+            raise UserError(
+                f"--eval-interval {self.interval} / --eval-examples {self.examples}: both must be 0 "
+                "or more (interval 0: only at the end; examples 0: all)"
+            )
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, interval: bool = True) -> None:
-    add_options(parser.add_argument_group("held-out evaluation"), EvalConfig, skip=() if interval else ("interval",),
-                prefix=EVAL_PREFIX)
+    add_options(
+        parser.add_argument_group("held-out evaluation"),
+        EvalConfig,
+        skip=() if interval else ("interval",),
+        prefix=EVAL_PREFIX,
+    )
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -94,9 +104,20 @@ def heldout_data_config(train: DataConfig, recipe: dict, tokenizer_file: Path, c
             return None
         names = train.corpus
     return dataclasses.replace(
-        train, **{k: recipe[k] for k in RECIPE_FIELDS if k in recipe}, corpus=names, split=cfg.split,
-        prepared=None, streaming=False, tokenizer=str(tokenizer_file), seed=EVAL_SEED, masking="static",
-        mask_prob=MASK_RATE, max_predictions=None, dupe_factor=1, num_workers=0)
+        train,
+        **{k: recipe[k] for k in RECIPE_FIELDS if k in recipe},
+        corpus=names,
+        split=cfg.split,
+        prepared=None,
+        streaming=False,
+        tokenizer=str(tokenizer_file),
+        seed=EVAL_SEED,
+        masking="static",
+        mask_prob=MASK_RATE,
+        max_predictions=None,
+        dupe_factor=1,
+        num_workers=0,
+    )
 
 
 def heldout_examples(train: DataConfig, data: PreparedData, cfg: EvalConfig, rank: int = 0) -> datasets.Dataset | None:
@@ -121,19 +142,31 @@ def prepare_heldout(train: DataConfig, data: PreparedData, cfg: EvalConfig) -> P
     if config is None:
         return None
     path = data.path / f"{HELDOUT_PREFIX}{cfg.split}"
-    return prepare_directory(resolve_corpus(config.corpus, config.data_dir, config.split),
-                             TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
-                             example_config(config), path)
+    return prepare_directory(
+        resolve_corpus(config.corpus, config.data_dir, config.split),
+        TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
+        example_config(config),
+        path,
+    )
 
 
 def _tensors(columns: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype)).to(device)
-            for k, v in columns.items()}
+    return {
+        k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype)).to(device)
+        for k, v in columns.items()
+    }
 
 
 @torch.no_grad()
-def score(model, examples: datasets.Dataset, micro_batch: int, device: torch.device, sentence_loss: bool = True,
-          rank: int = 0, world_size: int = 1) -> dict:
+def score(
+    model,
+    examples: datasets.Dataset,
+    micro_batch: int,
+    device: torch.device,
+    sentence_loss: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Metrics of ``model`` (a module or a DeepSpeed engine) on ``examples``: each rank scores its contiguous share
     and the sums are all-reduced. Every rank runs the same number of forwards (ZeRO-3 gathers the weights in
     them), a rank with fewer batches an extra one whose result it drops. Eval mode, no gradient, no random draw:
@@ -154,24 +187,37 @@ def score(model, examples: datasets.Dataset, micro_batch: int, device: torch.dev
             if not real:
                 continue
             logits, label = out.seq_relationship_logits.float(), batch["nsp_label"]
-            sums += torch.stack([out.mlm_loss.double() * (out.mlm_count.double() + 1e-8), out.mlm_correct.double(),
-                                 out.mlm_count.double(), F.cross_entropy(logits, label, reduction="sum").double(),
-                                 (logits.argmax(-1) == label).sum().double(),
-                                 torch.tensor(float(len(label)), dtype=torch.float64, device=device)])
+            sums += torch.stack(
+                [
+                    out.mlm_loss.double() * (out.mlm_count.double() + 1e-8),
+                    out.mlm_correct.double(),
+                    out.mlm_count.double(),
+                    F.cross_entropy(logits, label, reduction="sum").double(),
+                    (logits.argmax(-1) == label).sum().double(),
+                    torch.tensor(float(len(label)), dtype=torch.float64, device=device),
+                ]
+            )
     finally:
         model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums)
     mlm_ce, mlm_correct, slots, nsp_ce, nsp_correct, pairs = sums.tolist()
     mlm_loss = mlm_ce / max(slots, 1)
-    return {"mlm_loss": mlm_loss, "mlm_accuracy": mlm_correct / max(slots, 1), "perplexity": math.exp(mlm_loss),
-            "nsp_loss": nsp_ce / max(pairs, 1) if sentence_loss else None,
-            "nsp_accuracy": nsp_correct / max(pairs, 1) if sentence_loss else None, "examples": int(pairs)}
+    return {
+        "mlm_loss": mlm_loss,
+        "mlm_accuracy": mlm_correct / max(slots, 1),
+        "perplexity": math.exp(mlm_loss),
+        "nsp_loss": nsp_ce / max(pairs, 1) if sentence_loss else None,
+        "nsp_accuracy": nsp_correct / max(pairs, 1) if sentence_loss else None,
+        "examples": int(pairs),
+    }
 
 
 def describe(metrics: dict, split: str) -> str:
-    line = (f"{split} | mlm loss {metrics['mlm_loss']:.3f} | mlm acc {metrics['mlm_accuracy']:.3f} | "
-            f"ppl {metrics['perplexity']:.1f}")
+    line = (
+        f"{split} | mlm loss {metrics['mlm_loss']:.3f} | mlm acc {metrics['mlm_accuracy']:.3f} | "
+        f"ppl {metrics['perplexity']:.1f}"
+    )
     if metrics["nsp_loss"] is not None:
         line += f" | nsp loss {metrics['nsp_loss']:.3f} | nsp acc {metrics['nsp_accuracy']:.3f}"
     return line + f" | {metrics['examples']} examples"
@@ -180,16 +226,16 @@ def describe(metrics: dict, split: str) -> str:
 class HeldOutEvaluation:
     """What the training loop calls at its eval steps (``launcher/pretrain.py --eval-interval``)."""
 
-    def __init__(self, examples: datasets.Dataset, split: str, micro_batch: int, device: torch.device, rank: int,
-                 world_size: int):
+    def __init__(
+        self, examples: datasets.Dataset, split: str, micro_batch: int, device: torch.device, rank: int, world_size: int
+    ):
         self.examples, self.split, self.micro_batch, self.device = examples, split, micro_batch, device
         self.rank, self.world_size = rank, world_size
         self.last: dict | None = None
 
     def __call__(self, engine, sentence_loss: bool) -> dict:
         start = time.perf_counter()
-        metrics = score(engine, self.examples, self.micro_batch, self.device, sentence_loss, self.rank,
-                        self.world_size)
+        metrics = score(engine, self.examples, self.micro_batch, self.device, sentence_loss, self.rank, self.world_size)
         self.last = {"split": self.split, **metrics, "eval_seconds": time.perf_counter() - start}
         return self.last
 
@@ -204,16 +250,27 @@ def find_train_config(checkpoint: Path) -> dict | None:
 
 def _data_config(args: argparse.Namespace, explicit: set[str], run: dict | None) -> DataConfig:
     """The run's data config, with the data flags given on the command line on top."""
-    base = DataConfig(**{k: v for k, v in (run or {}).get("train", {}).get("data", {}).items()
-                         if k in DataConfig.__dataclass_fields__})
+    base = DataConfig(
+        **{
+            k: v
+            for k, v in (run or {}).get("train", {}).get("data", {}).items()
+            if k in DataConfig.__dataclass_fields__
+        }
+    )
     return dataclasses.replace(base, **{k: getattr(args, k) for k in explicit if k in DataConfig.__dataclass_fields__})
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig, micro_batch: int = DEFAULT_BATCH,
-                        cache_dir: str | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: DataConfig,
+    cfg: EvalConfig,
+    micro_batch: int = DEFAULT_BATCH,
+    cache_dir: str | None = None,
+) -> dict:
     """Held-out metrics of any finished run, DeepSpeed checkpoint or Hugging Face BERT directory (on the CPU)."""
     checkpoint = Path(checkpoint)
     from bertds.export import load_any
+
     model, vocab = load_any(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         vocab.save(tmp)  # the tokenizer file the held-out examples are keyed by (bytes as the run's data dir)
@@ -221,11 +278,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataConfig, cfg: EvalConfi
             examples = load_prepared(Path(data.prepared) / f"{HELDOUT_PREFIX}{cfg.split}").examples
         else:
             recipe = json.loads((Path(data.prepared) / MANIFEST).read_text()) if data.prepared else {}
-            config = heldout_data_config(dataclasses.replace(data, cache_dir=cache_dir or data.cache_dir), recipe,
-                                         Path(tmp) / TOKENIZER_FILE, cfg)
+            config = heldout_data_config(
+                dataclasses.replace(data, cache_dir=cache_dir or data.cache_dir),
+                recipe,
+                Path(tmp) / TOKENIZER_FILE,
+                cfg,
+            )
             if config is None:
-                raise UserError(f"no held-out text for {checkpoint}: its corpus has no '{cfg.split}' split; pass "
-                                "--eval-corpus or --data-dir")
+                raise UserError(
+                    f"no held-out text for {checkpoint}: its corpus has no '{cfg.split}' split; pass "
+                    "--eval-corpus or --data-dir"
+                )
             examples = prepare_for_training(config, 0).examples
     if cfg.examples:
         examples = examples.select(range(min(cfg.examples, len(examples))))
@@ -250,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         found = find_train_config(Path(args.checkpoint))
         if found is not None and "eval" in found.get("train", {}) and args.eval_corpus is None:
             cfg = dataclasses.replace(cfg, corpus=found["train"]["eval"].get("corpus"))
-        metrics = evaluate_checkpoint(args.checkpoint, _data_config(args, explicit, found), cfg, args.batch_size,
-                                      args.cache_dir)
+        metrics = evaluate_checkpoint(
+            args.checkpoint, _data_config(args, explicit, found), cfg, args.batch_size, args.cache_dir
+        )
         print(json.dumps(metrics) if args.json else f"eval {args.checkpoint} | {describe(metrics, cfg.split)}")
         return 0
 

@@ -1,4 +1,5 @@
 """Replacing a file so that a reader sees its old content or the whole new one, never a part of it."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Command-line options declared once, on the config dataclasses: each field's default, type, help and choices
 live in its ``option(...)``; ``add_options`` turns them into argparse flags and ``from_args`` builds the config
 back (so validation in the dataclass's ``__post_init__`` runs when the flags are parsed)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,15 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def option(default: Any = None, help: str = "", *, flag: str | None = None, choices: list | None = None,
-           group: str | None = None, default_factory: Any = None) -> Any:
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: list | None = None,
+    group: str | None = None,
+    default_factory: Any = None,
+) -> Any:
     """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` says otherwise), listed
     under the ``--help`` section ``group`` (default: the parser's own options). A bool field becomes ``--flag`` when
     it defaults to False and ``--no-flag`` when it defaults to True."""
@@ -47,8 +55,9 @@ def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
     return f.metadata["flag"] or "--" + (prefix + f.name).replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                skip: tuple[str, ...] = (), prefix: str = "") -> None:
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, skip: tuple[str, ...] = (), prefix: str = ""
+) -> None:
     """Adds one flag per ``option`` field of ``cls`` (except those named in ``skip``), each under its ``group``'s
     section when ``parser`` is a parser; ``prefix`` goes before each field's name in its flag and its argparse dest
     (``prefix="eval_"``: ``split`` is ``--eval-split``)."""
@@ -66,8 +75,11 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]  # option() sets one
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata["help"], "default": default}
         if value_type is bool:
-            name = flag_name(f, prefix) if not default else (
-                f.metadata["flag"] or "--no-" + (prefix + f.name).replace("_", "-"))
+            name = (
+                flag_name(f, prefix)
+                if not default
+                else (f.metadata["flag"] or "--no-" + (prefix + f.name).replace("_", "-"))
+            )
             section.add_argument(name, action="store_false" if default else "store_true", **kwargs)
             continue
         if is_list:

@@ -17,6 +17,7 @@ flash kernel runs (CUDA with bf16/fp16), else the (heads, L, L) probabilities, d
 probabilities. With activation checkpointing only every layer's input is kept, plus one layer's activations while
 it is recomputed. The MLM head keeps the (B, P, V) logits, their fp32 copy and log-softmax (the engine's loss).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from bertds.errors import UserError, run_cli
 from bertds.model import MODEL_PRESETS, BertConfig, BertForPreTraining, get_config, num_parameters
 from bertds.options import add_options, from_args, option
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 PRECISIONS = ["fp32", "bf16", "fp16"]
@@ -117,8 +118,14 @@ def model_state_bytes(params: int, largest: int, cfg: PlanConfig) -> tuple[float
 
 def activation_bytes(config: BertConfig, cfg: PlanConfig, flash: bool) -> tuple[float, float]:
     """(without, with) activation checkpointing, per GPU for one micro-batch."""
-    b, s, h, f, a, layers = (cfg.micro_batch, cfg.max_len, config.hidden_size, config.ffn_size, config.num_heads,
-                             config.num_layers)
+    b, s, h, f, a, layers = (
+        cfg.micro_batch,
+        cfg.max_len,
+        config.hidden_size,
+        config.ffn_size,
+        config.num_heads,
+        config.num_layers,
+    )
     e = 2 if cfg.precision in ("bf16", "fp16") else 4
     tokens = b * s
     attention = b * a * s * 4 if flash else b * a * s * s * (2 * e + 1)
@@ -147,29 +154,39 @@ def report(cfg: PlanConfig, p: Plan) -> str:
         return f"{size / GiB:8.2f} GiB"
 
     budget = cfg.gpu_memory_gib * GiB
-    lines = [f"{cfg.model}: {p.parameters / 1e6:.1f}M parameters (largest layer {p.largest_layer / 1e6:.1f}M), "
-             f"max_len {cfg.max_len}, micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}"
-             f"{' + CPU optimizer offload' if cfg.offload else ''}, {cfg.precision}, {cfg.gpus} GPUs of "
-             f"{cfg.gpu_memory_gib:g} GiB",
-             f"per GPU: parameters          {gib(p.params_bytes)}",
-             f"         gradients           {gib(p.grads_bytes)}",
-             f"         optimizer states    {gib(p.optimizer_bytes)}"]
+    lines = [
+        f"{cfg.model}: {p.parameters / 1e6:.1f}M parameters (largest layer {p.largest_layer / 1e6:.1f}M), "
+        f"max_len {cfg.max_len}, micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}"
+        f"{' + CPU optimizer offload' if cfg.offload else ''}, {cfg.precision}, {cfg.gpus} GPUs of "
+        f"{cfg.gpu_memory_gib:g} GiB",
+        f"per GPU: parameters          {gib(p.params_bytes)}",
+        f"         gradients           {gib(p.grads_bytes)}",
+        f"         optimizer states    {gib(p.optimizer_bytes)}",
+    ]
     if cfg.zero == 3:
         lines.append(f"         gathered layer      {gib(p.gathered_bytes)}")
-    lines += [f"         model states        {gib(p.model_states_bytes)}",
-              f"         activations         {gib(p.activations_bytes)} (checkpointing: "
-              f"{gib(p.activations_checkpointed_bytes).strip()}; attention "
-              f"{'flash: no L×L matrix kept' if p.flash_attention else 'math path: L×L probabilities kept'})"]
+    lines += [
+        f"         model states        {gib(p.model_states_bytes)}",
+        f"         activations         {gib(p.activations_bytes)} (checkpointing: "
+        f"{gib(p.activations_checkpointed_bytes).strip()}; attention "
+        f"{'flash: no L×L matrix kept' if p.flash_attention else 'math path: L×L probabilities kept'})",
+    ]
     if cfg.offload:
         lines.append(f"CPU memory per node (offloaded optimizer states and gradients): {gib(p.cpu_bytes_per_node)}")
-    for name, acts in (("without checkpointing", p.activations_bytes),
-                       ("with checkpointing", p.activations_checkpointed_bytes)):
+    for name, acts in (
+        ("without checkpointing", p.activations_bytes),
+        ("with checkpointing", p.activations_checkpointed_bytes),
+    ):
         total = p.model_states_bytes + acts
         verdict = "fits" if total <= budget else "does NOT fit"
-        lines.append(f"{name}: {total / GiB:.2f} GiB of {cfg.gpu_memory_gib:g} GiB -> {verdict}, headroom "
-                     f"{(budget - total) / GiB:.2f} GiB ({100 * (budget - total) / budget:.0f}%)")
-    lines.append("the headroom must also hold temporaries, DeepSpeed's communication buckets, the CUDA context "
-                 "(~1 GiB) and allocator fragmentation")
+        lines.append(
+            f"{name}: {total / GiB:.2f} GiB of {cfg.gpu_memory_gib:g} GiB -> {verdict}, headroom "
+            f"{(budget - total) / GiB:.2f} GiB ({100 * (budget - total) / budget:.0f}%)"
+        )
+    lines.append(
+        "the headroom must also hold temporaries, DeepSpeed's communication buckets, the CUDA context "
+        "(~1 GiB) and allocator fragmentation"
+    )
     return "\n".join(lines)
 
 

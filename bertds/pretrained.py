@@ -1,4 +1,5 @@
 """The final model directory: weights, model config and vocabulary, loadable back with ``load_pretrained``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,9 @@ WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
 
-def save_pretrained(state_dict: dict[str, torch.Tensor], config: BertConfig, vocab: Vocab,
-                    directory: str | Path) -> None:
+def save_pretrained(
+    state_dict: dict[str, torch.Tensor], config: BertConfig, vocab: Vocab, directory: str | Path
+) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().float().cpu() for k, v in state_dict.items()}, directory / WEIGHTS_FILE)
@@ -32,14 +34,17 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu") -
     config = BertConfig.load(directory / CONFIG_FILE)
     vocab = Vocab.load(directory)
     if len(vocab) != config.vocab_size:
-        raise UserError(f"{directory}: vocabulary has {len(vocab)} tokens but the model expects "
-                        f"{config.vocab_size}; the tokenizer.json belongs to another run")
+        raise UserError(
+            f"{directory}: vocabulary has {len(vocab)} tokens but the model expects "
+            f"{config.vocab_size}; the tokenizer.json belongs to another run"
+        )
     model = BertForPreTraining(config)
     weights = safe_load.load(directory / WEIGHTS_FILE)
     try:
         model.load_state_dict(weights if isinstance(weights, dict) else {})
     except RuntimeError as e:  # the weights of another module
-        raise UserError(f"{directory / WEIGHTS_FILE} holds no bertds BertForPreTraining weights for its "
-                        f"{CONFIG_FILE} ({str(e).splitlines()[0][:160]}); pass a finished bertds pretraining run"
-                        ) from None
+        raise UserError(
+            f"{directory / WEIGHTS_FILE} holds no bertds BertForPreTraining weights for its "
+            f"{CONFIG_FILE} ({str(e).splitlines()[0][:160]}); pass a finished bertds pretraining run"
+        ) from None
     return model.to(device).eval(), vocab

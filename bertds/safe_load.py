@@ -3,6 +3,7 @@ containers and allowlisted classes. Allowed beyond torch's defaults: the plain d
 states hold (building them sets attributes, it calls nothing of the file). Anything else needs full unpickling,
 which can run any code a file carries; bertds does that only for a user who passes ``--trust-checkpoint``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -22,6 +23,7 @@ def allowed_classes() -> list[type]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -55,8 +57,10 @@ def problem(path: Path) -> str | None:
     try:
         _load_weights_only(path, "cpu", mmap=True)
     except pickle.UnpicklingError:
-        return (f"{path} holds {_unsafe_globals(path)}, which only full unpickling can build, and unpickling runs "
-                f"any code a file carries; pass {TRUST_FLAG} only if you trust where this checkpoint comes from")
+        return (
+            f"{path} holds {_unsafe_globals(path)}, which only full unpickling can build, and unpickling runs "
+            f"any code a file carries; pass {TRUST_FLAG} only if you trust where this checkpoint comes from"
+        )
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         return f"{path} is damaged (truncated or corrupt: {_first_line(e)})"
     return None
@@ -73,5 +77,6 @@ def load(path: Path, map_location="cpu", trust: bool = False):
         reason = problem(path)
         raise UserError(reason or f"{path} cannot be read with the weights-only unpickler") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is damaged (truncated or corrupt: {_first_line(e)}); copy it again or use "
-                        "another checkpoint") from None
+        raise UserError(
+            f"{path} is damaged (truncated or corrupt: {_first_line(e)}); copy it again or use another checkpoint"
+        ) from None

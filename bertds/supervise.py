@@ -14,6 +14,7 @@
   rank 0's exit status (75: stopped with a complete checkpoint; 0: finished; 2: bad input),
   or the command's status when rank 0 reported none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,12 @@ from pathlib import Path
 import psutil
 
 STATUS_ENV = "BERTDS_SUPERVISE_STATUS"  # where rank 0 writes its exit status
-FORWARDED: dict[int, int] = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM,
-                             signal.SIGHUP: signal.SIGTERM,
-                             signal.SIGUSR1: signal.SIGUSR1}
+FORWARDED: dict[int, int] = {
+    signal.SIGTERM: signal.SIGTERM,
+    signal.SIGINT: signal.SIGTERM,
+    signal.SIGHUP: signal.SIGTERM,
+    signal.SIGUSR1: signal.SIGUSR1,
+}
 POLL_SECONDS = 0.2
 LEFTOVER_SECONDS = 30  # what a launcher may take to clean up after its ranks ended
 PR_SET_CHILD_SUBREAPER = 36
@@ -136,8 +140,12 @@ def supervise(command: list[str]) -> int:
                 break
             ranks_ended = ranks_ended or time.monotonic()
             if time.monotonic() - ranks_ended > LEFTOVER_SECONDS:
-                print(f"bertds.supervise: killing what is left {LEFTOVER_SECONDS} s after the ranks ended: "
-                      f"{', '.join(str(p.pid) for p in leftovers)}", file=sys.stderr, flush=True)
+                print(
+                    f"bertds.supervise: killing what is left {LEFTOVER_SECONDS} s after the ranks ended: "
+                    f"{', '.join(str(p.pid) for p in leftovers)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _send(leftovers, signal.SIGKILL)
         time.sleep(POLL_SECONDS)
     reported = status_file.read_text().strip() if status_file.is_file() else None
@@ -148,14 +156,18 @@ def supervise(command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bertds.supervise", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bertds.supervise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        print("error: no command to run; pass it after --, e.g. python -m bertds.supervise -- deepspeed "
-              "launcher/pretrain.py ...", file=sys.stderr)
+        print(
+            "error: no command to run; pass it after --, e.g. python -m bertds.supervise -- deepspeed "
+            "launcher/pretrain.py ...",
+            file=sys.stderr,
+        )
         return 2
     return supervise(command)
 

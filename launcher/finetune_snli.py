@@ -5,6 +5,7 @@
     deepspeed launcher/finetune_snli.py --checkpoint runs/pretrain --data-dir ../shared/data/snli \\
         --train-split dev --eval-splits test                                         # no SNLI train split at hand
 """
+
 import argparse
 import sys
 from pathlib import Path

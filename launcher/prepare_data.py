@@ -7,6 +7,7 @@
 Bad input (missing or empty corpus, no usable paragraph, unknown tokenizer file) prints one ``error:`` line and
 exits with code 2; nothing is left at --out unless it is complete.
 """
+
 import argparse
 import sys
 import time
@@ -37,14 +38,22 @@ def prepare(args: argparse.Namespace) -> int:
     check_writable_dir(out.parent, "--out")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     corpus = resolve_corpus(config.corpus, config.data_dir, config.split)
-    data = prepare_directory(corpus, TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
-                             example_config(config), out, config.streaming, cache)
+    data = prepare_directory(
+        corpus,
+        TokenizerChoice(config.tokenizer, config.vocab_size, config.min_freq),
+        example_config(config),
+        out,
+        config.streaming,
+        cache,
+    )
     heldout = prepare_heldout(config, data, eval_config_from_args(args))
     manifest = data.manifest or {}
-    print(f"{'reused' if data.from_cache else 'prepared'} {manifest.get('num_examples')} examples "
-          f"(max_len {manifest.get('max_len')}, {manifest.get('recipe')} recipe, {manifest.get('masking')} masking, "
-          f"vocabulary {len(data.vocab)}) from {manifest.get('source')} in {time.perf_counter() - start:.1f} s "
-          f"-> {data.path}")
+    print(
+        f"{'reused' if data.from_cache else 'prepared'} {manifest.get('num_examples')} examples "
+        f"(max_len {manifest.get('max_len')}, {manifest.get('recipe')} recipe, {manifest.get('masking')} masking, "
+        f"vocabulary {len(data.vocab)}) from {manifest.get('source')} in {time.perf_counter() - start:.1f} s "
+        f"-> {data.path}"
+    )
     if heldout is not None:
         print(f"held-out: {len(heldout.examples)} examples ({args.eval_split}, masks at 15%) -> {heldout.path}")
     return 0

@@ -1,9 +1,10 @@
 """Pretrain BERT (MLM + NSP) on WikiText-2 with DeepSpeed.
 
-    deepspeed launcher/pretrain.py --data-dir ../shared/data/wikitext-2
-    deepspeed --num_gpus 2 launcher/pretrain.py --deepspeed_config ds_configs/tiny_cpu.json --max-steps 100
-    python -m bertds.supervise -- deepspeed --num_gpus 2 launcher/pretrain.py ...   # SIGTERM-safe wrapper
+deepspeed launcher/pretrain.py --data-dir ../shared/data/wikitext-2
+deepspeed --num_gpus 2 launcher/pretrain.py --deepspeed_config ds_configs/tiny_cpu.json --max-steps 100
+python -m bertds.supervise -- deepspeed --num_gpus 2 launcher/pretrain.py ...   # SIGTERM-safe wrapper
 """
+
 import argparse
 import os
 import sys
@@ -34,8 +35,13 @@ def parse_args(argv=None) -> TrainConfig:
     add_eval_arguments(p)
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
-    return from_args(TrainConfig, args, deepspeed_config=args.deepspeed_config or str(DEFAULT_DS_CONFIG),
-                     data=data_config_from_args(args), eval=eval_config_from_args(args))
+    return from_args(
+        TrainConfig,
+        args,
+        deepspeed_config=args.deepspeed_config or str(DEFAULT_DS_CONFIG),
+        data=data_config_from_args(args),
+        eval=eval_config_from_args(args),
+    )
 
 
 def cli(argv=None) -> int:

@@ -23,8 +23,11 @@ HF_WORDS = ("transformers", "export_main", "save_hf", "_hf")
 def runs_a_subprocess(function) -> bool:
     """The test, or a function of its module that it calls, starts a subprocess."""
     source = inspect.getsource(function)
-    helpers = [f for name, f in vars(inspect.getmodule(function)).items()
-               if inspect.isfunction(f) and f is not function and f"{name}(" in source]
+    helpers = [
+        f
+        for name, f in vars(inspect.getmodule(function)).items()
+        if inspect.isfunction(f) and f is not function and f"{name}(" in source
+    ]
     return any("subprocess." in inspect.getsource(f) for f in (function, *helpers))
 
 
@@ -51,8 +54,7 @@ def free_port() -> int:
 def wikitext_dir() -> Path:
     path = Path(os.environ.get("BERTDS_TEST_DATA_DIR", SHARED_DATA / "wikitext-2"))
     if not (path / "wiki.train.tokens").is_file():
-        pytest.fail(f"WikiText-2 not found at {path}: put ../shared/data beside the repo "
-                    "or set BERTDS_TEST_DATA_DIR")
+        pytest.fail(f"WikiText-2 not found at {path}: put ../shared/data beside the repo or set BERTDS_TEST_DATA_DIR")
     return path
 
 
@@ -65,38 +67,71 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(wikitext_dir, cache_dir):
     from bertds.data import ExampleConfig, prepare_pretraining_data, resolve_corpus
+
     corpus = resolve_corpus(None, str(wikitext_dir))
     return prepare_pretraining_data(corpus, ExampleConfig(max_len=64, seed=0), cache_dir)
 
 
 # Set in this process by in-process engine tests; a launched child must not inherit them.
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-            "CROSS_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+)
 
 
 def launcher_command(script: str, *args: str, nproc: int | None = None) -> list[str]:
     """nproc=None: plain python (one rank); else the deepspeed launcher with nproc ranks."""
     if nproc is None:
         return [sys.executable, str(REPO / "launcher" / script), *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), str(REPO / "launcher" / script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launcher" / script),
+        *args,
+    ]
 
 
 def launcher_env(cache_dir: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    return {**env, "BERTDS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true", **extra}
+    return {
+        **env,
+        "BERTDS_CACHE_DIR": str(cache_dir),
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="session")
 def launch(cache_dir):
     """Runs a bertds launcher script to completion (see launcher_command)."""
 
-    def run(script: str, *args: str, nproc: int | None = None, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run(launcher_command(script, *args, nproc=nproc), cwd=REPO,
-                                env=launcher_env(cache_dir, **(env or {})), capture_output=True, text=True,
-                                timeout=timeout)
+    def run(
+        script: str, *args: str, nproc: int | None = None, timeout: int = 600, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            launcher_command(script, *args, nproc=nproc),
+            cwd=REPO,
+            env=launcher_env(cache_dir, **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         result.log = result.stdout + result.stderr  # type: ignore[attr-defined]
         return result
 
@@ -107,6 +142,7 @@ def launch(cache_dir):
 def process_group():
     """A one-rank process group in the test process, for tests that build DeepSpeed engines in-process."""
     from bertds.distributed import init_distributed
+
     return init_distributed()
 
 
@@ -144,6 +180,7 @@ def wordpiece_vocab():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     from bertds import Vocab
+
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "crane", "##s", "are", "fly", "##ing", "driver"]
     tokenizer = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)

@@ -3,6 +3,7 @@ would be moved to the checkpoint tag named in argv[1] (every file of that checkp
 
     python tests/crash_before_latest.py step00000010 --output-dir ... (pretrain.py's flags)
 """
+
 import os
 import runpy
 import signal

@@ -3,6 +3,7 @@ seeded tiny model through DeepSpeed engines (ZeRO stages from argv) and prints r
 
     python -m torch.distributed.run --nproc_per_node 2 tests/eval_worker.py PREPARED_DIR NUM_EXAMPLES STAGE...
 """
+
 import json
 import sys
 
@@ -31,9 +32,12 @@ def main() -> None:
     device = torch.device(get_accelerator().current_device_name())
     for stage in stages:
         model = seeded_model(len(data.vocab))
-        config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-                  "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
-                  "zero_optimization": {"stage": stage}}
+        config = {
+            "train_micro_batch_size_per_gpu": MICRO_BATCH,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+            "zero_optimization": {"stage": stage},
+        }
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         metrics = score(engine, examples, MICRO_BATCH, device, rank=rank, world_size=world_size)
         if rank == 0:

@@ -3,6 +3,7 @@ in its micro-step number argv[2] (counted from 1 in this process), the other ran
 
     python tests/fail_on_rank.py 1 3 --output-dir ... (pretrain.py's flags)
 """
+
 import os
 import runpy
 import sys

@@ -5,6 +5,7 @@ transformers version (``BERTDS_HF_LEGACY_PYTHON``):
 
     python tests/hf_loading.py DIR '{"texts": [["a crane", "he left"]], "model": "BertForPreTraining"}'
 """
+
 import json
 import os
 import subprocess
@@ -29,9 +30,12 @@ def tokenize_every_way(directory: str, texts: list[list[str]]) -> dict:
             results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             continue
         encoded = [tokenizer(a, b) for a, b in texts]
-        results[name] = {"class": type(tokenizer).__name__, "model_max_length": tokenizer.model_max_length,
-                         "input_ids": [e["input_ids"] for e in encoded],
-                         "token_type_ids": [e["token_type_ids"] for e in encoded]}
+        results[name] = {
+            "class": type(tokenizer).__name__,
+            "model_max_length": tokenizer.model_max_length,
+            "input_ids": [e["input_ids"] for e in encoded],
+            "token_type_ids": [e["token_type_ids"] for e in encoded],
+        }
     return results
 
 
@@ -45,8 +49,11 @@ def model_outputs(directory: str, model_class: str, texts: list[list[str]]) -> d
     with torch.no_grad():
         out = model(**batch)
     logits = {k: v.tolist() for k, v in out.items() if k.endswith("logits")}
-    return {"logits": logits, "id2label": {str(k): v for k, v in model.config.id2label.items()},
-            "max_position_embeddings": model.config.max_position_embeddings}
+    return {
+        "logits": logits,
+        "id2label": {str(k): v for k, v in model.config.id2label.items()},
+        "max_position_embeddings": model.config.max_position_embeddings,
+    }
 
 
 def fill_mask(directory: str, text: str) -> list[int]:
@@ -54,8 +61,11 @@ def fill_mask(directory: str, text: str) -> list[int]:
 
 
 def report(directory: str, request: dict) -> dict:
-    result = {"version": transformers.__version__, "tokenizers": tokenize_every_way(directory, request["texts"]),
-              "model": model_outputs(directory, request["model"], request["texts"])}
+    result = {
+        "version": transformers.__version__,
+        "tokenizers": tokenize_every_way(directory, request["texts"]),
+        "model": model_outputs(directory, request["model"], request["texts"]),
+    }
     if "fill_mask" in request:
         result["fill_mask"] = fill_mask(directory, request["fill_mask"])
     return result
@@ -63,8 +73,13 @@ def report(directory: str, request: dict) -> dict:
 
 def legacy_report(directory, request: dict) -> dict:
     """``report`` computed by ``LEGACY_PYTHON``."""
-    result = subprocess.run([LEGACY_PYTHON, __file__, str(directory), json.dumps(request)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parent)
+    result = subprocess.run(
+        [LEGACY_PYTHON, __file__, str(directory), json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 

@@ -1,5 +1,6 @@
 """Checkpoint integrity (issue 13): manifests verified before resuming, fallback to the newest complete checkpoint,
 weights-only loading, --max-len checked on resume, damaged weights as one error line."""
+
 import pickle
 import shutil
 from pathlib import Path
@@ -19,8 +20,9 @@ RUN = ("--max-steps", "4", "--save-interval", "2", "--batch-size", "32", "--log-
 def finished_run(launch, wikitext_dir, tmp_path_factory) -> Path:
     """A one-rank run with checkpoints at steps 2 and 4 (and its model.pt)."""
     output_dir = tmp_path_factory.mktemp("checkpointed-run")
-    result = launch("pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir), *RUN,
-                    "--overwrite")
+    result = launch(
+        "pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir), *RUN, "--overwrite"
+    )
     assert result.returncode == 0, result.log[-3000:]
     return output_dir
 
@@ -83,8 +85,9 @@ def test_resuming_with_another_max_len_is_refused(run_copy):
 def test_resume_with_a_missing_rank_file_exits_2_with_one_error_line(launch, wikitext_dir, run_copy):
     newest = checkpoints(run_copy) / "step00000004"
     (newest / rank_file(0)).unlink()
-    result = launch("pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(run_copy), *RUN,
-                    "--resume", str(newest))
+    result = launch(
+        "pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(run_copy), *RUN, "--resume", str(newest)
+    )
     assert result.returncode == 2, result.log[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and rank_file(0) in errors[0]
@@ -124,11 +127,20 @@ def test_export_of_a_crafted_checkpoint_exits_2_and_runs_nothing(run_copy, tmp_p
     import sys
 
     from tests.conftest import REPO
+
     marker = tmp_path / "code-ran"
     checkpoint = checkpoints(run_copy) / "step00000004"
-    torch.save({"module": {}, "payload": RunsCode(marker)}, checkpoint / "mp_rank_00_model_states.pt",
-               pickle_protocol=pickle.DEFAULT_PROTOCOL)
-    result = subprocess.run([sys.executable, "-m", "bertds.export", "--checkpoint", str(checkpoint), "--out",
-                             str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    torch.save(
+        {"module": {}, "payload": RunsCode(marker)},
+        checkpoint / "mp_rank_00_model_states.pt",
+        pickle_protocol=pickle.DEFAULT_PROTOCOL,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bertds.export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("error:") == 1 and not marker.exists()

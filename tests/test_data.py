@@ -29,6 +29,7 @@ def write_corpus(directory, lines, split_file="wiki.train.tokens"):
 
 # --- the real WikiText-2 ---------------------------------------------------------------------------------------
 
+
 def test_mlm_selection_is_15_percent_of_the_sequence_as_d2l(prepared):
     # d2l: num_mlm_preds = max(1, round(len(tokens) * 0.15)), len(tokens) counting <cls> and both <sep>
     d = as_numpy(prepared.examples)
@@ -82,8 +83,9 @@ def test_prediction_positions_point_at_real_non_special_tokens(prepared):
     assert (pos[real] < np.broadcast_to(d["valid_len"][:, None] - 1, pos.shape)[real]).all()
     assert (pos[real] != np.broadcast_to(len_a[:, None] + 1, pos.shape)[real]).all()
     assert (real.sum(axis=1) >= 1).all() and (d["mlm_labels"][~real] == 0).all() and (pos[~real] == 0).all()
-    assert not np.isin(d["mlm_labels"][real], [prepared.vocab.cls_id, prepared.vocab.sep_id,
-                                               prepared.vocab.pad_id]).any()
+    assert not np.isin(
+        d["mlm_labels"][real], [prepared.vocab.cls_id, prepared.vocab.sep_id, prepared.vocab.pad_id]
+    ).any()
 
 
 def test_word_vocabulary_follows_d2l(prepared):
@@ -114,6 +116,7 @@ def test_second_prepare_reads_the_cache(prepared, wikitext_dir, cache_dir):
 
 def test_hub_and_local_directory_give_the_same_paragraphs(wikitext_dir, monkeypatch):
     import datasets
+
     lines = (wikitext_dir / "wiki.valid.tokens").read_text().splitlines(keepends=True)
     # The hub's wikitext rows: each line with its trailing newline, empty lines as "".
     hub_rows = datasets.Dataset.from_dict({"text": ["" if not line.strip() else line for line in lines]})
@@ -130,16 +133,38 @@ def test_sentence_and_word_split_is_pythons(tmp_path):
     import pyarrow as pa
 
     from bertds.data.d2l import d2l_paragraphs
-    lines = ["a . b", " . x . y . ", "a . . b", "a . . . b", "x  .  y", "x .  . y", "x\t.\ty . z", "", "   ",
-             "one", ". . .", "a .", ". a", "a . b\r", "Caf\u00e9\u00a0Au . Lait\u3000x", "q\x1cr . s\x01t . u\u2028v",
-             "x . \u2003 . y", "\u0085a . b\u0085", "The Crane . the crane . THE", "a.b . c. . .d", "z . \t. w"] * 3
+
+    lines = [
+        "a . b",
+        " . x . y . ",
+        "a . . b",
+        "a . . . b",
+        "x  .  y",
+        "x .  . y",
+        "x\t.\ty . z",
+        "",
+        "   ",
+        "one",
+        ". . .",
+        "a .",
+        ". a",
+        "a . b\r",
+        "Caf\u00e9\u00a0Au . Lait\u3000x",
+        "q\x1cr . s\x01t . u\u2028v",
+        "x . \u2003 . y",
+        "\u0085a . b\u0085",
+        "The Crane . the crane . THE",
+        "a.b . c. . .d",
+        "z . \t. w",
+    ] * 3
     for array in (pa.array(lines, pa.large_string()), pa.array(["skip"] + lines, pa.string()).slice(1)):
         corpus = d2l_paragraphs(array)
         expected = [[s.split() for s in line.strip().lower().split(" . ")] for line in lines]
         assert corpus.paragraph_size.tolist() == [len(p) for p in expected]
         assert corpus.sentence_words.tolist() == [len(s) for p in expected for s in p]
-        assert [corpus.dictionary[int(i)].as_py() for i in corpus.word_index] == \
-            [w for p in expected for s in p for w in s]
+        assert [corpus.dictionary[int(i)].as_py() for i in corpus.word_index] == [
+            w for p in expected for s in p for w in s
+        ]
         kept = [len(line.split(" . ")) >= 2 for line in lines]  # d2l tests the raw line
         assert corpus.is_paragraph.tolist() == kept
         counts = {}
@@ -149,6 +174,7 @@ def test_sentence_and_word_split_is_pythons(tmp_path):
 
 
 # --- a small synthetic corpus, to check pair semantics exactly ---------------------------------------------------
+
 
 def synthetic_corpus(tmp_path, paragraphs=40, sentences=5):
     # Sentence j of paragraph i is "pI sJ wI wJ" - its identity can be read back from the tokens.
@@ -163,13 +189,14 @@ def decode_pairs(examples, vocab):
     pairs = []
     for row, n_a, n in zip(tokens, len_a, d["valid_len"]):
         words = [vocab.tokenizer.id_to_token(int(t)) for t in row[:n]]
-        pairs.append((words[1:1 + n_a], words[2 + n_a:n - 1]))
+        pairs.append((words[1 : 1 + n_a], words[2 + n_a : n - 1]))
     return pairs, d["nsp_label"]
 
 
 def test_true_next_pairs_are_adjacent_sentences_of_one_paragraph(tmp_path):
-    examples, vocab = build_examples(resolve_corpus(None, str(synthetic_corpus(tmp_path))), ExampleConfig(max_len=16),
-                                     min_freq=1)
+    examples, vocab = build_examples(
+        resolve_corpus(None, str(synthetic_corpus(tmp_path))), ExampleConfig(max_len=16), min_freq=1
+    )
     pairs, labels = decode_pairs(examples, vocab)
     assert len(pairs) == 40 * 4  # every adjacent pair of every paragraph, none too long
     for (a, b), is_next in zip(pairs, labels):
@@ -192,8 +219,9 @@ def test_over_long_pairs_are_dropped_or_truncated(tmp_path):
 @pytest.mark.parametrize("recipe", ["d2l", "bert"])
 def test_max_len_4_is_refused_and_5_keeps_a_token_in_each_segment(tmp_path, recipe):
     # 20 blank-line separated documents (the bert recipe's random next segments come from other documents)
-    documents = ["\n".join(" . ".join(f"p{d}{i} s{j} w{d} w{j}" for j in range(5)) for i in range(2))
-                 for d in range(20)]
+    documents = [
+        "\n".join(" . ".join(f"p{d}{i} s{j} w{d} w{j}" for j in range(5)) for i in range(2)) for d in range(20)
+    ]
     (tmp_path / "documents.txt").write_text("\n\n".join(documents) + "\n")
     source = resolve_corpus([str(tmp_path / "documents.txt")])
     with pytest.raises(UserError, match="--max-len 4: must be in 5..512"):
@@ -208,6 +236,7 @@ def test_max_len_4_is_refused_and_5_keeps_a_token_in_each_segment(tmp_path, reci
 
 
 # --- rank shards ----------------------------------------------------------------------------------------------
+
 
 def test_rank_shards_are_disjoint_and_cover_the_data(prepared):
     seen = []
@@ -230,6 +259,7 @@ def test_batches_are_fixed_size_and_reshuffled_each_epoch(prepared):
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
+
 
 def test_missing_data_dir_names_the_flag(tmp_path):
     with pytest.raises(UserError, match="does not exist; pass --data-dir"):

@@ -1,5 +1,6 @@
 """The data pipeline at scale: tokenizers, original-BERT examples, masking, corpora and streaming, rank shards,
 prepared directories and bad input."""
+
 import json
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def columns(examples):
 
 # --- tokenizers ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def wordpiece(wikitext_dir):
     corpus = resolve_corpus([str(wikitext_dir / "wiki.train.tokens")])
@@ -46,14 +48,22 @@ def wordpiece(wikitext_dir):
 def test_wordpiece_has_the_asked_size_and_berts_special_ids(wordpiece):
     assert len(wordpiece) == 8000
     assert (wordpiece.pad_id, wordpiece.unk_id, wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id) == (
-        0, 100, 101, 102, 103)
+        0,
+        100,
+        101,
+        102,
+        103,
+    )
     assert wordpiece.first_regular_id == 104
     assert wordpiece.tokenizer.id_to_token(101) == "[CLS]"
 
 
 def test_wordpiece_round_trips_wikitext(wordpiece, wikitext_dir):
-    lines = [line.strip() for line in (wikitext_dir / "wiki.valid.tokens").read_text().splitlines()
-             if line.strip() and "<unk>" not in line][:2000]
+    lines = [
+        line.strip()
+        for line in (wikitext_dir / "wiki.valid.tokens").read_text().splitlines()
+        if line.strip() and "<unk>" not in line
+    ][:2000]
     encodings = wordpiece.tokenizer.encode_batch(lines, add_special_tokens=False)
     known = [(line, e.ids) for line, e in zip(lines, encodings) if wordpiece.unk_id not in e.ids]
     assert len(known) >= 0.95 * len(lines)
@@ -62,8 +72,9 @@ def test_wordpiece_round_trips_wikitext(wordpiece, wikitext_dir):
 
 
 def test_distinct_word_encoding_equals_the_tokenizer(wordpiece, wikitext_dir):
-    lines = [line.strip() for line in (wikitext_dir / "wiki.valid.tokens").read_text().splitlines()
-             if line.strip()][:300]
+    lines = [line.strip() for line in (wikitext_dir / "wiki.valid.tokens").read_text().splitlines() if line.strip()][
+        :300
+    ]
     words = pa.array([w for line in lines for w in line.split()])
     for vocab in (wordpiece, Vocab.train_word_level(lines, min_freq=2)):
         ids, per_word = vocab.encode_words(words)
@@ -85,6 +96,7 @@ def test_vocab_txt_gives_the_same_tokens_and_a_bad_file_is_refused(wordpiece, tm
         with pytest.raises(UserError, match="vocab.txt|tokenizer.json"):
             Vocab.from_file(tmp_path / bad)
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     byte_level = Tokenizer(models.BPE())
     byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()  # its words keep their spaces: not word-by-word
     byte_level.save(str(tmp_path / "gpt2.json"))
@@ -100,6 +112,7 @@ def test_saved_tokenizers_load_back_with_their_special_tokens(wordpiece, tmp_pat
 
 # --- original-BERT example creation ------------------------------------------------------------------------------
 
+
 def document_corpus(tmp_path, docs=30, sentences=12, name="docs.txt"):
     """Blank-line separated documents; every word of sentence s of document d is "dDsS", so any token tells
     where it came from. Sentence lengths vary from 2 to 6 words."""
@@ -107,7 +120,7 @@ def document_corpus(tmp_path, docs=30, sentences=12, name="docs.txt"):
     blocks = []
     for d in range(docs):
         said = [" ".join([f"d{d}s{s}"] * int(rng.integers(2, 7))) + " ." for s in range(sentences)]
-        blocks.append("\n".join(" ".join(said[i:i + 3]) for i in range(0, sentences, 3)))
+        blocks.append("\n".join(" ".join(said[i : i + 3]) for i in range(0, sentences, 3)))
     path = tmp_path / name
     path.write_text("\n\n".join(blocks) + "\n")
     return path
@@ -122,7 +135,7 @@ def decode_origins(examples, vocab):
     for row, b, n in zip(tokens, first_b, d["valid_len"]):
         words = [vocab.tokenizer.id_to_token(int(t)) for t in row[:n]]
         origin = [tuple(map(int, w[1:].split("s"))) if w.startswith("d") else None for w in words]
-        out.append(([o for o in origin[1:b - 1] if o], [o for o in origin[b:n - 1] if o]))
+        out.append(([o for o in origin[1 : b - 1] if o], [o for o in origin[b : n - 1] if o]))
     return out, d
 
 
@@ -148,14 +161,18 @@ def test_bert_pairs_follow_documents(tmp_path, task):
             assert not same_doc
     untruncated = [(a, b, label) for (a, b), label, n in zip(pairs, labels, d["valid_len"]) if n < 32]
     assert all(b[0][1] == a[-1][1] + 1 if label else True for a, b, label in untruncated if task == "nsp")
-    assert all((b[0][1] == a[-1][1] + 1) if label == 0 else (a[0][1] == b[-1][1] + 1)
-               for a, b, label in untruncated if task == "sop" and a[0][0] == b[0][0])
+    assert all(
+        (b[0][1] == a[-1][1] + 1) if label == 0 else (a[0][1] == b[-1][1] + 1)
+        for a, b, label in untruncated
+        if task == "sop" and a[0][0] == b[0][0]
+    )
 
 
 def test_bert_masking_counts_and_whole_words(wordpiece, wikitext_dir):
     corpus = resolve_corpus([str(wikitext_dir / "wiki.valid.tokens")])
     config = ExampleConfig(max_len=128, recipe="bert", whole_word_masking=True)
     from bertds.data.prepare import bert_chunks
+
     d = next(bert_chunks(corpus, wordpiece, config, streaming=False))
     assert config.max_predictions == 20 and ExampleConfig(max_len=512, recipe="bert").max_predictions == 80
     real = d["mlm_weights"] > 0
@@ -174,12 +191,17 @@ def test_bert_masking_counts_and_whole_words(wordpiece, wikitext_dir):
 
 # --- dynamic masking, rank shards ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dynamic(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dynamic")
     corpus = resolve_corpus([str(document_corpus(tmp))])
-    return prepare_directory(corpus, TokenizerChoice("word", min_freq=1),
-                             ExampleConfig(max_len=32, recipe="bert", dynamic_masking=True), tmp / "prepared")
+    return prepare_directory(
+        corpus,
+        TokenizerChoice("word", min_freq=1),
+        ExampleConfig(max_len=32, recipe="bert", dynamic_masking=True),
+        tmp / "prepared",
+    )
 
 
 def test_dynamic_masks_change_per_epoch_and_repeat_per_seed(dynamic):
@@ -212,20 +234,32 @@ def test_dynamic_masking_resumes_exactly(dynamic):
     for _ in range(per_epoch + 1):
         next(it)
     _, resumed = stream(first.state_dict())
-    for batch in expected[per_epoch + 1:]:
+    for batch in expected[per_epoch + 1 :]:
         got = next(resumed)
         assert all((got[k] == batch[k]).all() for k in batch)
-    assert set(expected[0]) == {"tokens", "segments", "valid_len", "nsp_label", "pred_positions", "mlm_labels",
-                                "mlm_weights"}
+    assert set(expected[0]) == {
+        "tokens",
+        "segments",
+        "valid_len",
+        "nsp_label",
+        "pred_positions",
+        "mlm_labels",
+        "mlm_weights",
+    }
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_rank_shards_are_disjoint_and_complete(world_size):
     n = 100
-    examples = in_memory_dataset({"tokens": np.arange(n * 4, dtype=np.int32).reshape(n, 4),
-                                  "segments": np.zeros((n, 4), np.int8), "valid_len": np.full(n, 4, np.int32),
-                                  "nsp_label": np.zeros(n, np.int8)},
-                                 ExampleConfig(max_len=4, dynamic_masking=True))
+    examples = in_memory_dataset(
+        {
+            "tokens": np.arange(n * 4, dtype=np.int32).reshape(n, 4),
+            "segments": np.zeros((n, 4), np.int8),
+            "valid_len": np.full(n, 4, np.int32),
+            "nsp_label": np.zeros(n, np.int8),
+        },
+        ExampleConfig(max_len=4, dynamic_masking=True),
+    )
     seen = []
     for rank in range(world_size):
         batches = PretrainingBatches(examples, 5, rank, world_size, seed=3)
@@ -233,8 +267,10 @@ def test_rank_shards_are_disjoint_and_complete(world_size):
         assert ids.tolist() == list(rank_range(n, rank, world_size))
         seen += ids.tolist()
         stream = iter(batches)
-        epochs = [[int(i) for _ in range(batches.batches_per_epoch) for i in next(stream)["tokens"][:, 0] // 4]
-                  for _ in range(2)]
+        epochs = [
+            [int(i) for _ in range(batches.batches_per_epoch) for i in next(stream)["tokens"][:, 0] // 4]
+            for _ in range(2)
+        ]
         assert epochs[0] != epochs[1] and set(epochs[0]) <= set(ids.tolist())  # reshuffled per epoch
         replay = iter(PretrainingBatches(examples, 5, rank, world_size, seed=3))
         replayed = [int(i) for _ in range(batches.batches_per_epoch) for i in next(replay)["tokens"][:, 0] // 4]
@@ -243,6 +279,7 @@ def test_rank_shards_are_disjoint_and_complete(world_size):
 
 
 # --- corpora, streaming ------------------------------------------------------------------------------------------
+
 
 def test_streaming_and_whole_reading_give_the_same_examples(tmp_path):
     files = [document_corpus(tmp_path, docs=12, name=f"part{i}.txt") for i in range(2)]
@@ -257,8 +294,10 @@ def test_streaming_and_whole_reading_give_the_same_examples(tmp_path):
     assert len(whole) > 100 and all(np.array_equal(a[k], b[k]) for k in a)
     # Each rank streams a disjoint part of the documents; together they are all of them.
     documents = [r["text"] for r in corpus.documents(streaming=False)]
-    parts = [[r["text"] for r in split_dataset_by_node(corpus.documents(streaming=True), rank=r, world_size=3)]
-             for r in range(3)]
+    parts = [
+        [r["text"] for r in split_dataset_by_node(corpus.documents(streaming=True), rank=r, world_size=3)]
+        for r in range(3)
+    ]
     assert sorted(sum(parts, [])) == sorted(documents) and len(documents) == 12 * 2 + 20
 
 
@@ -269,6 +308,7 @@ def test_wikitext_documents_are_title_sections_and_hub_matches_local(wikitext_di
     lines = (wikitext_dir / "wiki.valid.tokens").read_text().splitlines(keepends=True)
     hub_rows = [{"text": "" if not line.strip() else line} for line in lines]
     import datasets
+
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(hub_rows))
     hub = resolve_corpus(["hub:Salesforce/wikitext:wikitext-2-v1"], split="validation")
     assert hub.wikitext and [r["text"] for r in hub.documents(streaming=True)] == documents
@@ -279,18 +319,21 @@ def test_wikitext_names_resolve_to_local_files_or_the_hub(wikitext_dir, monkeypa
     assert resolve_corpus(["wikitext-103"]).hub == ("Salesforce/wikitext", "wikitext-103-v1")
     assert resolve_corpus(["wikitext-2-raw"]).hub == ("Salesforce/wikitext", "wikitext-2-raw-v1")
     assert resolve_corpus(["wikitext-2"], str(wikitext_dir), "validation").files == (
-        wikitext_dir / "wiki.valid.tokens",)
+        wikitext_dir / "wiki.valid.tokens",
+    )
     with pytest.raises(UserError, match="wiki.train.raw is missing"):
         resolve_corpus(["wikitext-2-raw"], str(wikitext_dir))
 
 
 # --- prepared directories, bad input -----------------------------------------------------------------------------
 
+
 def test_prepared_directory_serves_training_and_refuses_another_tokenizer(tmp_path, wordpiece):
     path = tmp_path / "prepared"
     corpus = resolve_corpus([str(document_corpus(tmp_path))])
-    data = prepare_directory(corpus, TokenizerChoice("word", min_freq=1), ExampleConfig(max_len=32, recipe="bert"),
-                             path)
+    data = prepare_directory(
+        corpus, TokenizerChoice("word", min_freq=1), ExampleConfig(max_len=32, recipe="bert"), path
+    )
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["num_examples"] == len(data.examples) == sum(manifest["shards"].values())
     assert manifest["max_len"] == 32 and manifest["tokenizer_info"]["fingerprint"] == data.vocab.fingerprint()
@@ -298,15 +341,22 @@ def test_prepared_directory_serves_training_and_refuses_another_tokenizer(tmp_pa
     assert again.vocab.fingerprint() == data.vocab.fingerprint() and len(again.examples) == len(data.examples)
     wordpiece.save(tmp_path)
     with pytest.raises(UserError, match="another tokenizer"):
-        prepare_for_training(DataConfig(prepared=str(path), max_len=32, tokenizer=str(tmp_path / "tokenizer.json")),
-                             rank=0)
+        prepare_for_training(
+            DataConfig(prepared=str(path), max_len=32, tokenizer=str(tmp_path / "tokenizer.json")), rank=0
+        )
     with pytest.raises(UserError, match="max_len 32"):
         prepare_for_training(DataConfig(prepared=str(path), max_len=64), rank=0)
 
 
 def test_training_prepares_a_raw_corpus_into_the_cache(tmp_path):
-    config = DataConfig(corpus=[str(document_corpus(tmp_path))], cache_dir=str(tmp_path / "cache"), max_len=32,
-                        recipe="bert", min_freq=1, masking="dynamic")
+    config = DataConfig(
+        corpus=[str(document_corpus(tmp_path))],
+        cache_dir=str(tmp_path / "cache"),
+        max_len=32,
+        recipe="bert",
+        min_freq=1,
+        masking="dynamic",
+    )
     first = prepare_for_training(config, rank=0)
     second = prepare_for_training(config, rank=0)
     assert first.path == second.path and second.from_cache and second.masking == first.masking
@@ -319,16 +369,23 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, prepare_cli, capsys)
     single.write_text(" = Title = \n\n one sentence only \n")
     bad_tokenizer = tmp_path / "weights.bin"
     bad_tokenizer.write_bytes(b"\0")
-    cases = {"empty": ["--corpus", str(empty)], "missing": ["--corpus", str(tmp_path / "nowhere.txt")],
-             "single": ["--corpus", str(single)],
-             "tokenizer": ["--corpus", str(document_corpus(tmp_path)), "--tokenizer", str(bad_tokenizer)],
-             "no examples": ["--corpus", str(single), "--recipe", "bert", "--sentence-task", "sop"]}
+    cases = {
+        "empty": ["--corpus", str(empty)],
+        "missing": ["--corpus", str(tmp_path / "nowhere.txt")],
+        "single": ["--corpus", str(single)],
+        "tokenizer": ["--corpus", str(document_corpus(tmp_path)), "--tokenizer", str(bad_tokenizer)],
+        "no examples": ["--corpus", str(single), "--recipe", "bert", "--sentence-task", "sop"],
+    }
     for name, args in cases.items():
         out = tmp_path / "out" / name
         assert prepare_cli([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (name, err)
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir()), name
-    result = subprocess.run([sys.executable, str(REPO_LAUNCHER), "--corpus", str(empty), "--out",
-                             str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO_LAUNCHER), "--corpus", str(empty), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "are empty" in result.stderr and not (tmp_path / "x").exists()

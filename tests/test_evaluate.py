@@ -1,5 +1,6 @@
 """Held-out evaluation (bertds/evaluate.py), the recipe switches (--sentence-task none, --mask-prob, --pre-ln) and
 BERT's weight-decay groups."""
+
 import json
 import math
 import subprocess
@@ -37,10 +38,14 @@ def direct_metrics(model, batch) -> dict:
     right = out.prediction_logits.argmax(-1).reshape(-1) == batch["mlm_labels"].reshape(-1)
     nsp = out.seq_relationship_logits
     mlm_loss = float((ce * weights).sum() / weights.sum())
-    return {"mlm_loss": mlm_loss, "mlm_accuracy": float((right * weights).sum() / weights.sum()),
-            "perplexity": math.exp(mlm_loss), "nsp_loss": float(F.cross_entropy(nsp, batch["nsp_label"])),
-            "nsp_accuracy": float((nsp.argmax(-1) == batch["nsp_label"]).float().mean()),
-            "examples": len(batch["nsp_label"])}
+    return {
+        "mlm_loss": mlm_loss,
+        "mlm_accuracy": float((right * weights).sum() / weights.sum()),
+        "perplexity": math.exp(mlm_loss),
+        "nsp_loss": float(F.cross_entropy(nsp, batch["nsp_label"])),
+        "nsp_accuracy": float((nsp.argmax(-1) == batch["nsp_label"]).float().mean()),
+        "examples": len(batch["nsp_label"]),
+    }
 
 
 def assert_same_metrics(found: dict, expected: dict) -> None:
@@ -53,8 +58,9 @@ def assert_same_metrics(found: dict, expected: dict) -> None:
 def small_set(prepared):
     examples = prepared.examples.select(range(NUM_EXAMPLES))
     columns = table_columns(examples.with_format("arrow")[:])
-    batch = {k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
-             for k, v in columns.items()}
+    batch = {
+        k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype)) for k, v in columns.items()
+    }
     return examples, batch, direct_metrics(seeded_model(len(prepared.vocab)), batch)
 
 
@@ -62,8 +68,11 @@ def test_metrics_equal_a_direct_computation_on_one_rank(small_set, prepared, pro
     examples, _, expected = small_set
     model = seeded_model(len(prepared.vocab))
     assert_same_metrics(score(model, examples, MICRO_BATCH, torch.device("cpu")), expected)
-    config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}}
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
     rng = capture_rng()
@@ -78,11 +87,28 @@ def test_metrics_equal_a_direct_computation_on_one_rank(small_set, prepared, pro
 
 def test_metrics_equal_a_direct_computation_on_two_ranks_and_zero3(small_set, prepared, cache_dir):
     _, _, expected = small_set
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(REPO / "tests" / "eval_worker.py"), str(prepared.path), str(NUM_EXAMPLES),
-               "0", "3"]
-    result = subprocess.run(command, cwd=REPO, env={**launcher_env(cache_dir), "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "eval_worker.py"),
+        str(prepared.path),
+        str(NUM_EXAMPLES),
+        "0",
+        "3",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**launcher_env(cache_dir), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     found = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("METRICS ")]
     assert [m["stage"] for m in found] == [0, 3]
@@ -91,12 +117,24 @@ def test_metrics_equal_a_direct_computation_on_two_ranks_and_zero3(small_set, pr
 
 
 def test_heldout_examples_use_the_training_recipe_with_masks_at_15_percent(tmp_path):
-    train = DataConfig(data_dir="d", max_len=128, recipe="bert", mask_prob=0.3, seed=7, masking="dynamic",
-                       max_predictions=40, tokenizer="wordpiece")
+    train = DataConfig(
+        data_dir="d",
+        max_len=128,
+        recipe="bert",
+        mask_prob=0.3,
+        seed=7,
+        masking="dynamic",
+        max_predictions=40,
+        tokenizer="wordpiece",
+    )
     manifest = {"max_len": 128, "recipe": "bert", "sentence_task": "sop", "whole_word_masking": True}
     config = heldout_data_config(train, manifest, tmp_path / "tokenizer.json", EvalConfig(corpus=["held.txt"]))
-    assert (config.mask_prob, config.masking, config.max_predictions, config.corpus) == (0.15, "static", None,
-                                                                                         ["held.txt"])
+    assert (config.mask_prob, config.masking, config.max_predictions, config.corpus) == (
+        0.15,
+        "static",
+        None,
+        ["held.txt"],
+    )
     assert (config.recipe, config.sentence_task, config.whole_word_masking) == ("bert", "sop", True)
     assert config.tokenizer == str(tmp_path / "tokenizer.json") and config.seed != train.seed
     # A local file list has no validation split: no held-out text unless --eval-corpus names one.
@@ -112,8 +150,9 @@ def test_mask_prob_sets_the_predicted_share(wikitext_dir):
     assert ExampleConfig(max_len=128, recipe="bert").max_predictions == 20
     examples, _ = build_examples(resolve_corpus(None, str(wikitext_dir), "validation"), config)
     columns = examples.with_format("numpy")[:2000]
-    expected = np.minimum(np.clip(np.round(columns["valid_len"] * 0.3), 1, config.max_predictions),
-                          columns["valid_len"] - 3)
+    expected = np.minimum(
+        np.clip(np.round(columns["valid_len"] * 0.3), 1, config.max_predictions), columns["valid_len"] - 3
+    )
     assert np.array_equal(columns["mlm_weights"].sum(1), expected)
 
 
@@ -126,6 +165,7 @@ def test_sentence_loss_off_leaves_mlm_only(small_set, prepared):
 
 
 # --- launched runs --------------------------------------------------------------------------------------------
+
 
 def pretrain(launch, wikitext_dir, output_dir, *args):
     result = launch("pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir), *RUN_ARGS, *args)
@@ -142,8 +182,14 @@ def eval_run(launch, wikitext_dir, tmp_path_factory):
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("eval_seconds", "train_seconds", "pairs_per_s",
-                                                     "tokens_per_s", "data_wait_pct")} for r in records]
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("eval_seconds", "train_seconds", "pairs_per_s", "tokens_per_s", "data_wait_pct")
+        }
+        for r in records
+    ]
 
 
 def test_eval_outputs(eval_run):
@@ -162,22 +208,27 @@ def test_eval_changes_nothing_and_resume_stays_exact(eval_run, launch, wikitext_
     output_dir, _ = eval_run
     pretrain(launch, wikitext_dir, tmp_path / "end-only")  # evaluates at the end only
     assert comparable(read_metrics(tmp_path / "end-only")) == comparable(read_metrics(output_dir))
-    pretrain(launch, wikitext_dir, tmp_path / "resumed", "--eval-interval", "1", "--save-interval", "2",
-             "--max-steps", "2")
-    pretrain(launch, wikitext_dir, tmp_path / "resumed", "--eval-interval", "1", "--save-interval", "2",
-             "--resume", "auto")
+    pretrain(
+        launch, wikitext_dir, tmp_path / "resumed", "--eval-interval", "1", "--save-interval", "2", "--max-steps", "2"
+    )
+    pretrain(
+        launch, wikitext_dir, tmp_path / "resumed", "--eval-interval", "1", "--save-interval", "2", "--resume", "auto"
+    )
     assert comparable(read_metrics(tmp_path / "resumed", None)) == comparable(read_metrics(output_dir, None))
 
 
-def test_evaluate_cli_gives_the_same_numbers_for_run_checkpoint_and_hf_export(eval_run, wikitext_dir, tmp_path,
-                                                                             capsys):
+def test_evaluate_cli_gives_the_same_numbers_for_run_checkpoint_and_hf_export(eval_run, wikitext_dir, tmp_path, capsys):
     pytest.importorskip("transformers")
     from bertds.export import main as export_main
+
     output_dir, _ = eval_run
     assert export_main(["--checkpoint", str(output_dir), "--out", str(tmp_path / "hf")]) == 0
     found = []
-    for checkpoint, extra in ((output_dir, []), (output_dir / "checkpoints", []),
-                              (tmp_path / "hf", ["--data-dir", str(wikitext_dir)])):
+    for checkpoint, extra in (
+        (output_dir, []),
+        (output_dir / "checkpoints", []),
+        (tmp_path / "hf", ["--data-dir", str(wikitext_dir)]),
+    ):
         capsys.readouterr()
         assert evaluate_main(["--checkpoint", str(checkpoint), "--eval-examples", "64", "--json", *extra]) == 0
         found.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
@@ -186,8 +237,9 @@ def test_evaluate_cli_gives_the_same_numbers_for_run_checkpoint_and_hf_export(ev
 
 
 def test_sentence_task_none_mask_prob_and_pre_ln_train(launch, wikitext_dir, tmp_path):
-    pretrain(launch, wikitext_dir, tmp_path, "--sentence-task", "none", "--mask-prob", "0.3", "--pre-ln",
-             "--max-steps", "2")
+    pretrain(
+        launch, wikitext_dir, tmp_path, "--sentence-task", "none", "--mask-prob", "0.3", "--pre-ln", "--max-steps", "2"
+    )
     model, vocab = load_pretrained(tmp_path)
     assert model.config.pre_layernorm and not model.config.sentence_loss
     assert model.bert.encoder.final_LayerNorm is not None
@@ -229,16 +281,28 @@ def test_weight_decay_shrinks_decayed_weights_only(name, process_group):
     torch.manual_seed(0)
     model = BertForPreTraining(get_config("tiny", vocab_size=50, num_layers=1))
     config, client_optimizer, _ = adapt_optimization(
-        {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "optimizer": optimizer,
-         "zero_optimization": {"stage": stage}}, max_steps=1)
+        {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "optimizer": optimizer,
+            "zero_optimization": {"stage": stage},
+        },
+        max_steps=1,
+    )
     names = [n for n, _ in model.named_parameters()]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=config,
-                                           optimizer=client_optimizer)
-    batch = {"tokens": torch.randint(5, 50, (2, 8)), "segments": torch.zeros(2, 8, dtype=torch.long),
-             "valid_len": torch.tensor([8, 6]), "pred_positions": torch.tensor([[1, 2], [3, 4]]),
-             "mlm_labels": torch.tensor([[7, 8], [9, 10]]), "mlm_weights": torch.ones(2, 2),
-             "nsp_label": torch.tensor([0, 1])}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model), config=config, optimizer=client_optimizer
+    )
+    batch = {
+        "tokens": torch.randint(5, 50, (2, 8)),
+        "segments": torch.zeros(2, 8, dtype=torch.long),
+        "valid_len": torch.tensor([8, 6]),
+        "pred_positions": torch.tensor([[1, 2], [3, 4]]),
+        "mlm_labels": torch.tensor([[7, 8], [9, 10]]),
+        "mlm_weights": torch.ones(2, 2),
+        "nsp_label": torch.tensor([0, 1]),
+    }
     engine.backward(engine(**batch).loss * 0.0)  # zero gradients: any change is the weight decay
     engine.step()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):

@@ -21,14 +21,16 @@ from tests.hf_loading import LEGACY_PYTHON, legacy_report, report
 SENTENCES = ["a crane is flying over the river", "a crane driver came", "he just left", "the river is wide"]
 
 
-def random_model(tie: bool = True, seed: int = 0, vocab: Vocab | None = None,
-                 **config) -> tuple[BertForPreTraining, Vocab]:
+def random_model(
+    tie: bool = True, seed: int = 0, vocab: Vocab | None = None, **config
+) -> tuple[BertForPreTraining, Vocab]:
     """A tiny model whose every weight (LayerNorms and biases included) is far from its initial value, so that a
     weight mapped to the wrong place changes the logits."""
     vocab = vocab or Vocab.train_word_level(SENTENCES, min_freq=1)
     torch.manual_seed(seed)
-    model = BertForPreTraining(get_config("tiny", vocab_size=len(vocab), pad_token_id=vocab.pad_id,
-                                          tie_word_embeddings=tie, **config))
+    model = BertForPreTraining(
+        get_config("tiny", vocab_size=len(vocab), pad_token_id=vocab.pad_id, tie_word_embeddings=tie, **config)
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -84,17 +86,35 @@ def test_export_and_import_round_trip_of_a_finished_run(tmp_path, tie):
     model, vocab = random_model(tie)
     save_pretrained(model.state_dict(), model.config, vocab, tmp_path / "run")
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "README.md"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    } <= {p.name for p in (tmp_path / "hf").iterdir()}
     assert_round_trip(model, vocab, tmp_path / "hf")
 
 
 def test_every_model_config_field_round_trips_through_a_hugging_face_config_json(tmp_path):
     assert set(CONFIG_NAMES) == {f.name for f in fields(BertConfig)}
-    config = BertConfig(vocab_size=99, hidden_size=48, num_layers=3, num_heads=4, ffn_size=80,
-                        max_position_embeddings=40, type_vocab_size=3, dropout=0.05, attention_dropout=0.15,
-                        layer_norm_eps=1e-6, initializer_range=0.03, tie_word_embeddings=False, pad_token_id=7,
-                        sentence_loss=False)
+    config = BertConfig(
+        vocab_size=99,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=4,
+        ffn_size=80,
+        max_position_embeddings=40,
+        type_vocab_size=3,
+        dropout=0.05,
+        attention_dropout=0.15,
+        layer_norm_eps=1e-6,
+        initializer_range=0.03,
+        tie_word_embeddings=False,
+        pad_token_id=7,
+        sentence_loss=False,
+    )
     changed = {f.name for f in fields(BertConfig) if getattr(config, f.name) != f.default}
     assert changed == set(CONFIG_NAMES) - {"pre_layernorm"}  # a pre-LN model is refused (test below)
     to_hf_config(config).save_pretrained(tmp_path)
@@ -106,13 +126,22 @@ def test_every_model_config_field_round_trips_through_a_hugging_face_config_json
 @pytest.mark.parametrize("stage", [0, 3])
 def test_deepspeed_checkpoint_is_consolidated_and_exported(process_group, tmp_path, stage):
     model, vocab = random_model()
-    config = {"train_batch_size": 4, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
-              "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
+    config = {
+        "train_batch_size": 4,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**6,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     batch = random_batch(len(vocab))
     engine.train()
-    out = engine(batch["tokens"], batch["segments"], batch["valid_len"], torch.arange(3).expand(4, 3),
-                 nsp_label=torch.tensor([0, 1, 0, 1]))
+    out = engine(
+        batch["tokens"],
+        batch["segments"],
+        batch["valid_len"],
+        torch.arange(3).expand(4, 3),
+        nsp_label=torch.tensor([0, 1, 0, 1]),
+    )
     engine.backward(out.prediction_logits.float().logsumexp(-1).mean() + out.nsp_loss)
     engine.step()  # the checkpoint then holds trained weights, not the ones of random_model
     checkpoints, tag = tmp_path / "run" / "checkpoints", "step00000001"
@@ -123,8 +152,9 @@ def test_deepspeed_checkpoint_is_consolidated_and_exported(process_group, tmp_pa
         trained = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     if stage == 3:  # the module file alone lacks the weights: consolidation is what makes the export work
         assert (checkpoints / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
-        module = torch.load(checkpoints / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                            weights_only=False)["module"]
+        module = torch.load(checkpoints / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)[
+            "module"
+        ]
         assert module["bert.pooler.dense.weight"].numel() < trained["bert.pooler.dense.weight"].numel()
     reference = BertForPreTraining(model.config)
     reference.load_state_dict(trained)
@@ -147,6 +177,7 @@ def test_export_of_a_missing_checkpoint_is_one_error_line(tmp_path, capsys):
 
 def test_finetuning_starts_from_a_hugging_face_directory(tmp_path):
     from bertds.tasks.finetune import FinetuneConfig, load_backbone
+
     model, vocab = random_model()
     save_hf(model, vocab, tmp_path / "hf")
     source = FinetuneConfig(deepspeed_config="unused", init_from_hf=str(tmp_path / "hf"))
@@ -169,8 +200,12 @@ def test_exported_next_sentence_head_agrees_with_bertds_on_which_pairs_follow(tm
     assert 0 < follows.sum() < len(follows)  # both answers occur, so a head read the other way round shows
     hf_model = transformers.BertForNextSentencePrediction.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.no_grad():
-        hf_out = hf_model(input_ids=batch["tokens"], token_type_ids=batch["segments"],
-                          attention_mask=batch["mask"], labels=(~follows).long())  # Hugging Face: 0 = continues
+        hf_out = hf_model(
+            input_ids=batch["tokens"],
+            token_type_ids=batch["segments"],
+            attention_mask=batch["mask"],
+            labels=(~follows).long(),
+        )  # Hugging Face: 0 = continues
         ours = model(batch["tokens"], batch["segments"], batch["valid_len"], nsp_label=follows.long())
     assert torch.equal(hf_out.logits.argmax(-1) == 0, follows)
     torch.testing.assert_close(hf_out.loss, ours.nsp_loss, atol=1e-5, rtol=0)
@@ -192,18 +227,35 @@ def test_a_pre_layernorm_model_is_neither_exported_nor_imported(tmp_path, capsys
 
 
 # d2l-recipe words, punctuation, digits, accents and case, where BERT's basic tokenizer splits otherwise.
-TEXTS = [("A Crane Is Flying.", None), ("1,000 cafés", "he just LEFT"), ("a crane driver came", "the river is wide"),
-         ("Cranes are flying!", "a crane driver"), ("the river's crane", "he (just) left"), ("café", "naïve über")]
+TEXTS = [
+    ("A Crane Is Flying.", None),
+    ("1,000 cafés", "he just LEFT"),
+    ("a crane driver came", "the river is wide"),
+    ("Cranes are flying!", "a crane driver"),
+    ("the river's crane", "he (just) left"),
+    ("café", "naïve über"),
+]
 TRAINED_MAX_LEN = 64
 
 
 def run_record(max_len: int) -> dict:
     """A train_config.json as launcher/pretrain.py writes it, with held-out figures in its result."""
-    train = TrainConfig(deepspeed_config="ds_configs/tiny_cpu.json", max_steps=200, lr=1e-3,
-                        data=DataConfig(data_dir="../shared/data/wikitext-2", max_len=max_len))
-    return {"train": asdict(train), "deepspeed": {"train_batch_size": 128},
-            "result": {"mlm_loss": 5.125, "nsp_loss": 0.625, "steps": 200,
-                       "eval": {"mlm_accuracy": 0.3125, "nsp_accuracy": 0.75}}}
+    train = TrainConfig(
+        deepspeed_config="ds_configs/tiny_cpu.json",
+        max_steps=200,
+        lr=1e-3,
+        data=DataConfig(data_dir="../shared/data/wikitext-2", max_len=max_len),
+    )
+    return {
+        "train": asdict(train),
+        "deepspeed": {"train_batch_size": 128},
+        "result": {
+            "mlm_loss": 5.125,
+            "nsp_loss": 0.625,
+            "steps": 200,
+            "eval": {"mlm_accuracy": 0.3125, "nsp_accuracy": 0.75},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +275,9 @@ def exports(tmp_path_factory) -> dict:
 def bertds_pair_logits(model: BertForPreTraining, vocab: Vocab, a: str, b: str) -> tuple[torch.Tensor, ...]:
     ids, segments = pack(vocab, a, b)
     with torch.no_grad():
-        out = model(torch.tensor([ids]), torch.tensor([segments]), torch.tensor([len(ids)]),
-                    torch.arange(len(ids))[None])
+        out = model(
+            torch.tensor([ids]), torch.tensor([segments]), torch.tensor([len(ids)]), torch.arange(len(ids))[None]
+        )
     return out.prediction_logits[0], out.seq_relationship_logits[0]
 
 
@@ -255,15 +308,21 @@ def test_every_documented_way_to_load_the_export_gives_bertds_ids_and_logits(exp
     for row, (a, b) in enumerate(pairs):
         mlm, nsp = bertds_pair_logits(model, vocab, a, b)
         n = len(mlm)
-        torch.testing.assert_close(torch.tensor(result["model"]["logits"]["prediction_logits"][row])[:n], mlm,
-                                   atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(result["model"]["logits"]["seq_relationship_logits"][row]),
-                                   nsp.flip(-1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(result["model"]["logits"]["prediction_logits"][row])[:n], mlm, atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(result["model"]["logits"]["seq_relationship_logits"][row]), nsp.flip(-1), atol=1e-4, rtol=0
+        )
     ids, _ = pack(vocab, "a crane is")
     ids.insert(-1, vocab.mask_id)  # <cls> a crane is <mask> <sep>
     with torch.no_grad():
-        out = model(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long), torch.tensor([len(ids)]),
-                    torch.tensor([[ids.index(vocab.mask_id)]]))
+        out = model(
+            torch.tensor([ids]),
+            torch.zeros(1, len(ids), dtype=torch.long),
+            torch.tensor([len(ids)]),
+            torch.tensor([[ids.index(vocab.mask_id)]]),
+        )
     assert result["fill_mask"] == out.prediction_logits[0, 0].topk(3).indices.tolist()
 
 
@@ -279,17 +338,27 @@ def test_export_writes_tokenizer_metadata_and_a_model_card(exports):
     assert (wordpiece / "vocab.txt").read_text().splitlines() == by_id
     card = (word / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
-    for fact in ("2 layers, hidden 128, 2 heads, FFN 256", "WikiText-2 (../shared/data/wikitext-2)", "| recipe | d2l",
-                 "| max_len | 64 tokens", "| steps | 200 |", "| global batch | 128 |", "MLM 5.125, NSP 0.625",
-                 "| held-out eval.mlm_accuracy | 0.3125 |", "| held-out eval.nsp_accuracy | 0.7500 |",
-                 f'AutoTokenizer.from_pretrained("{word}")', "Do not use `BertTokenizer` / `BertTokenizerFast`",
-                 "index 0: B continues A"):
+    for fact in (
+        "2 layers, hidden 128, 2 heads, FFN 256",
+        "WikiText-2 (../shared/data/wikitext-2)",
+        "| recipe | d2l",
+        "| max_len | 64 tokens",
+        "| steps | 200 |",
+        "| global batch | 128 |",
+        "MLM 5.125, NSP 0.625",
+        "| held-out eval.mlm_accuracy | 0.3125 |",
+        "| held-out eval.nsp_accuracy | 0.7500 |",
+        f'AutoTokenizer.from_pretrained("{word}")',
+        "Do not use `BertTokenizer` / `BertTokenizerFast`",
+        "index 0: B continues A",
+    ):
         assert fact in card, fact
     assert "Any of `AutoTokenizer`, `BertTokenizerFast`" in (wordpiece / "README.md").read_text()
 
 
 def test_push_to_hub_uploads_the_exported_directory(tmp_path, monkeypatch):
     import huggingface_hub
+
     calls = []
 
     class FakeApi:
@@ -303,8 +372,19 @@ def test_push_to_hub_uploads_the_exported_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model, vocab = random_model()
     save_pretrained(model.state_dict(), model.config, vocab, tmp_path / "run")
-    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
-                        "--push-to-hub", "someone/bertds-tiny"]) == 0
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "hf"),
+                "--push-to-hub",
+                "someone/bertds-tiny",
+            ]
+        )
+        == 0
+    )
     assert calls[0] == ("create_repo", "someone/bertds-tiny", True)
     assert calls[1][:2] == ("upload_folder", "someone/bertds-tiny") and "model.safetensors" in calls[1][2]
     assert 'from_pretrained("someone/bertds-tiny")' in (tmp_path / "hf" / "README.md").read_text()

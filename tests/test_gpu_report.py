@@ -1,20 +1,42 @@
 """bench/gpu_report.py --smoke: every check of the GPU report runs at toy sizes on this machine and reports."""
+
 import json
 import subprocess
 import sys
 
 from tests.conftest import REPO, launcher_env
 
-EXPECTED = ["main job (tiny, d2l recipe)", "base seq128 bf16", "large seq128 fp16 ZeRO-2",
-            "large seq512 bf16 ZeRO-2 + act. ckpt", "fp16 dynamic loss scaling (ZeRO-2)", "FusedLamb vs PyTorch LAMB",
-            "fused MLM loss vs logits (bf16)", "2 ranks (base seq128 bf16)", "budget"]
+EXPECTED = [
+    "main job (tiny, d2l recipe)",
+    "base seq128 bf16",
+    "large seq128 fp16 ZeRO-2",
+    "large seq512 bf16 ZeRO-2 + act. ckpt",
+    "fp16 dynamic loss scaling (ZeRO-2)",
+    "FusedLamb vs PyTorch LAMB",
+    "fused MLM loss vs logits (bf16)",
+    "2 ranks (base seq128 bf16)",
+    "budget",
+]
 
 
 def test_smoke_report_runs_every_check_and_writes_its_table(tmp_path, wikitext_dir, cache_dir, prepared):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_report.py"), "--smoke", "--json", str(out),
-                           "--data-dir", str(wikitext_dir)], cwd=REPO, env=launcher_env(cache_dir),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_report.py"),
+            "--smoke",
+            "--json",
+            str(out),
+            "--data-dir",
+            str(wikitext_dir),
+        ],
+        cwd=REPO,
+        env=launcher_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["checks"]}
@@ -45,8 +67,14 @@ def test_smoke_report_runs_every_check_and_writes_its_table(tmp_path, wikitext_d
 
 
 def test_bad_data_dir_is_one_error_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_report.py"), "--smoke", "--data-dir",
-                           str(tmp_path / "missing")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_report.py"), "--smoke", "--data-dir", str(tmp_path / "missing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: --data-dir {tmp_path / 'missing'} is not a directory; pass the WikiText-2 directory"]
+        f"error: --data-dir {tmp_path / 'missing'} is not a directory; pass the WikiText-2 directory"
+    ]

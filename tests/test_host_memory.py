@@ -1,5 +1,6 @@
 """The training process keeps freed host memory: once its steps have grown the heap, a large block freed and allocated
 again reuses pages that are already there instead of faulting fresh ones in."""
+
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.ones(16 * 2 ** 20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-PAGES = 64 * 2 ** 20 // 4096
+PAGES = 64 * 2**20 // 4096
 
 
 def refill_faults(mode: str) -> int:

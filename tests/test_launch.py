@@ -4,6 +4,7 @@ A stop signal to any process of the tree (``bertds.supervise``, DeepSpeed's per-
 group, a supervised torchrun) saves a complete checkpoint and exits 75 only after every rank is gone; a rank whose
 launcher was killed saves and stops; an exception on one rank ends all of them; a full disk while saving is one
 error line. All launches share the session's prepared dataset (tests/conftest.py)."""
+
 import os
 import re
 import signal
@@ -26,13 +27,31 @@ STOP_WITHIN = 120  # seconds a stopped or failed run may take to end: far below 
 
 
 def deepspeed_command(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
 
 
 def torchrun_command(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
 
 
 def supervised(command: list[str]) -> list[str]:
@@ -46,8 +65,9 @@ def pretrain_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
 def start(command: list[str], cache_dir: Path, log: Path) -> subprocess.Popen:
     """In a session of its own (as a shell would start it), output to ``log`` (a pipe could fill and block it)."""
     with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=launcher_env(cache_dir), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=launcher_env(cache_dir), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = STOP_WITHIN) -> str:
@@ -140,8 +160,14 @@ def test_sigterm_to_any_process_of_the_launch_tree_saves_exits_75_and_resumes(wi
             assert f"resumed from {output_dir / 'checkpoints' / f'step{resumed_from:08d}'}" in output, output[-3000:]
         resumed_from = step
     log = tmp_path / "resume.log"
-    proc = start(torchrun_command("launcher/pretrain.py", *pretrain_args(
-        wikitext_dir, output_dir, "--resume", "auto", "--max-steps", str(resumed_from + 1))), cache_dir, log)
+    proc = start(
+        torchrun_command(
+            "launcher/pretrain.py",
+            *pretrain_args(wikitext_dir, output_dir, "--resume", "auto", "--max-steps", str(resumed_from + 1)),
+        ),
+        cache_dir,
+        log,
+    )
     output = finish(proc, log, timeout=300)
     assert proc.returncode == 0, output[-3000:]
     assert f"resumed from {output_dir / 'checkpoints' / f'step{resumed_from:08d}'}" in output, output[-3000:]
@@ -178,8 +204,9 @@ def test_an_exception_on_one_rank_ends_every_rank_with_the_traceback(wikitext_di
     rank_processes = ranks(tree(proc))
     output = finish(proc, log, timeout=60)
     assert proc.returncode == EXIT_FAILED, output[-3000:]
-    assert "Traceback" in output and "RuntimeError: injected failure on rank 1 in micro-step 3" in output, \
-        output[-3000:]
+    assert "Traceback" in output and "RuntimeError: injected failure on rank 1 in micro-step 3" in output, output[
+        -3000:
+    ]
     assert not alive(rank_processes)
 
 
@@ -188,8 +215,9 @@ def small_disk(tmp_path):
     """A 128 MB tmpfs (a checkpoint of the tiny model is 36 MB); skipped where this user may not mount one."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); run as root")
     yield disk
@@ -218,8 +246,10 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint
 
 SBATCH = REPO / "launcher" / "slurm" / "pretrain_bert_large.sbatch"
 # Stands in for srun: srun passes the signals it receives to every task.
-STOPPABLE = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); print('ready', "
-             "flush=True); time.sleep(60)")
+STOPPABLE = (
+    "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); print('ready', "
+    "flush=True); time.sleep(60)"
+)
 
 
 def test_the_slurm_template_signals_every_rank_and_requeues_on_75():
@@ -235,11 +265,16 @@ def test_the_slurm_template_signals_every_rank_and_requeues_on_75():
 def test_the_slurm_batch_shell_passes_a_signal_on_and_returns_the_status_of_the_ranks(tmp_path):
     """The template's own lines from the background start to the wait loop, on a stand-in for srun's tasks."""
     text = SBATCH.read_text()
-    waiting = text[text.index("supervisor=$!"):text.index("done\n", text.index("supervisor=$!")) + 5]
-    script = f"python -m bertds.supervise -- {sys.executable} -c \"{STOPPABLE}\" &\n{waiting}exit \"$rc\"\n"
+    waiting = text[text.index("supervisor=$!") : text.index("done\n", text.index("supervisor=$!")) + 5]
+    script = f'python -m bertds.supervise -- {sys.executable} -c "{STOPPABLE}" &\n{waiting}exit "$rc"\n'
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    shell = subprocess.Popen(["bash", "-c", script], cwd=REPO, env={**env, "PATH": f"{Path(sys.executable).parent}:"
-                             f"{env['PATH']}"}, stdout=subprocess.PIPE, text=True)
+    shell = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=REPO,
+        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert shell.stdout.readline() == "ready\n"
     shell.send_signal(signal.SIGUSR1)
     assert shell.wait(timeout=60) == EXIT_PREEMPTED

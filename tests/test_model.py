@@ -41,11 +41,23 @@ def test_base_preset_is_hugging_faces_bert_base_and_presets_override():
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertConfig()  # bert-base-uncased's shape
     base = get_config("base")
-    assert (base.num_layers, base.hidden_size, base.num_heads, base.ffn_size, base.max_position_embeddings,
-            base.layer_norm_eps, base.initializer_range) == (hf.num_hidden_layers, hf.hidden_size,
-                                                               hf.num_attention_heads, hf.intermediate_size,
-                                                               hf.max_position_embeddings, hf.layer_norm_eps,
-                                                               hf.initializer_range)
+    assert (
+        base.num_layers,
+        base.hidden_size,
+        base.num_heads,
+        base.ffn_size,
+        base.max_position_embeddings,
+        base.layer_norm_eps,
+        base.initializer_range,
+    ) == (
+        hf.num_hidden_layers,
+        hf.hidden_size,
+        hf.num_attention_heads,
+        hf.intermediate_size,
+        hf.max_position_embeddings,
+        hf.layer_norm_eps,
+        hf.initializer_range,
+    )
     assert get_config("tiny", dropout=0.3).dropout == 0.3
     assert get_config("tiny", dropout=None).dropout == get_config("tiny").dropout  # None keeps the preset's
 
@@ -136,11 +148,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_pre_layernorm_moves_the_layernorms_onto_the_branches():
     torch.manual_seed(0)
     post = BertForPreTraining(get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0)).eval()
-    pre = BertForPreTraining(get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0,
-                                        pre_layernorm=True)).eval()
+    pre = BertForPreTraining(
+        get_config("tiny", vocab_size=300, dropout=0.0, attention_dropout=0.0, pre_layernorm=True)
+    ).eval()
     assert post.bert.encoder.final_LayerNorm is None
-    assert set(pre.state_dict()) - set(post.state_dict()) == {"bert.encoder.final_LayerNorm.weight",
-                                                                "bert.encoder.final_LayerNorm.bias"}
+    assert set(pre.state_dict()) - set(post.state_dict()) == {
+        "bert.encoder.final_LayerNorm.weight",
+        "bert.encoder.final_LayerNorm.bias",
+    }
     layer, x = pre.bert.encoder.layer[0], torch.randn(2, 5, 128)
     layout = TokenLayout.from_valid_lens(torch.tensor([5, 3]), 5, unpad=False)
     with torch.no_grad():

@@ -37,10 +37,32 @@ def test_defaults_come_from_the_dataclass():
 
 
 def test_flags_are_typed_and_named_after_the_fields():
-    cfg = parse(["--steps", "7", "--lr", "0.5", "--corpus", "a", "b", "--fast", "--no-wandb", "--recipe", "bert",
-                 "--master-port-number", "1"])
-    assert (cfg.steps, cfg.lr, cfg.corpus, cfg.fast, cfg.wandb, cfg.recipe, cfg.port) == \
-        (7, 0.5, ["a", "b"], True, False, "bert", 1)
+    cfg = parse(
+        [
+            "--steps",
+            "7",
+            "--lr",
+            "0.5",
+            "--corpus",
+            "a",
+            "b",
+            "--fast",
+            "--no-wandb",
+            "--recipe",
+            "bert",
+            "--master-port-number",
+            "1",
+        ]
+    )
+    assert (cfg.steps, cfg.lr, cfg.corpus, cfg.fast, cfg.wandb, cfg.recipe, cfg.port) == (
+        7,
+        0.5,
+        ["a", "b"],
+        True,
+        False,
+        "bert",
+        1,
+    )
     assert cfg.internal == "not a flag"
 
 
@@ -57,6 +79,7 @@ def test_validation_runs_when_the_flags_are_parsed():
 def test_run_cli_turns_a_user_error_into_one_line_and_exit_2(capsys):
     def command():
         raise UserError("--steps must be at least 1; pass a positive number")
+
     assert run_cli(command) == EXIT_USER_ERROR
     assert capsys.readouterr().err == "error: --steps must be at least 1; pass a positive number\n"
 
@@ -64,6 +87,7 @@ def test_run_cli_turns_a_user_error_into_one_line_and_exit_2(capsys):
 def test_run_cli_lets_bugs_through():
     def command():
         raise KeyError("bug")
+
     with pytest.raises(KeyError):
         run_cli(command)
 
@@ -73,8 +97,18 @@ def test_grouped_options_get_their_own_help_section():
     add_options(parser, Example)
     main_section, checkpoints = parser.format_help().split("\noptions:\n")[1].split("\ncheckpoints:\n")
     assert "--steps" in main_section and "--keep" not in main_section and "--resume" not in main_section
-    assert checkpoints.split() == ["--keep", "KEEP", "checkpoints", "to", "keep", "--resume", "RESUME", "checkpoint",
-                                   "to", "resume"]
+    assert checkpoints.split() == [
+        "--keep",
+        "KEEP",
+        "checkpoints",
+        "to",
+        "keep",
+        "--resume",
+        "RESUME",
+        "checkpoint",
+        "to",
+        "resume",
+    ]
     assert parse(["--keep", "5", "--resume", "auto"]) == Example(keep=5, resume="auto")
 
 
@@ -94,6 +128,7 @@ def test_a_subclass_changes_a_default_and_keeps_the_help():
 def test_run_cli_exit_codes(capsys):
     def diverged():
         raise TrainingDiverged("the loss became NaN/inf at step 6")
+
     assert run_cli(diverged) == EXIT_DIVERGED
     assert capsys.readouterr().err == "error: the loss became NaN/inf at step 6\n"
     assert run_cli(lambda: EXIT_PREEMPTED) == EXIT_PREEMPTED
@@ -106,6 +141,8 @@ def test_run_cli_prints_a_job_wide_error_once_on_launch_rank_0(rank, printed, ca
 
     def command():
         raise UserError("--max-len 600 exceeds the model's 512 positions; lower --max-len")
+
     assert run_cli(command) == EXIT_USER_ERROR  # every rank exits 2
-    assert capsys.readouterr().err == ("error: --max-len 600 exceeds the model's 512 positions; lower --max-len\n"
-                                       if printed else "")
+    assert capsys.readouterr().err == (
+        "error: --max-len 600 exceeds the model's 512 positions; lower --max-len\n" if printed else ""
+    )

@@ -1,4 +1,5 @@
 """Correctness guards of the fast paths (no timing): each fast path computes what the straightforward one does."""
+
 import importlib.util
 from pathlib import Path
 
@@ -31,16 +32,24 @@ def make_batch(batch=4, seq_len=24, preds=4, seed=0):
     valid = torch.tensor([24, 17, 9, 12])[:batch]
     tokens = torch.randint(5, VOCAB, (batch, seq_len), generator=g)
     tokens[torch.arange(seq_len)[None, :] >= valid[:, None]] = 1
-    segments = ((torch.arange(seq_len)[None, :] >= valid[:, None] // 2)
-                & (torch.arange(seq_len)[None, :] < valid[:, None])).long()
+    segments = (
+        (torch.arange(seq_len)[None, :] >= valid[:, None] // 2) & (torch.arange(seq_len)[None, :] < valid[:, None])
+    ).long()
     positions = torch.stack([torch.randperm(int(n) - 2, generator=g)[:preds] + 1 for n in valid])
     weights = torch.ones(batch, preds)
     weights[1, 3:] = 0
     weights[2, 1:] = 0
     positions[weights == 0] = 0
     labels = torch.randint(5, VOCAB, (batch, preds), generator=g) * weights.long()
-    return {"tokens": tokens, "segments": segments, "valid_len": valid, "pred_positions": positions,
-            "mlm_labels": labels, "mlm_weights": weights, "nsp_label": torch.tensor([1, 0, 1, 0])[:batch]}
+    return {
+        "tokens": tokens,
+        "segments": segments,
+        "valid_len": valid,
+        "pred_positions": positions,
+        "mlm_labels": labels,
+        "mlm_weights": weights,
+        "nsp_label": torch.tensor([1, 0, 1, 0])[:batch],
+    }
 
 
 def test_sdpa_attention_equals_explicit_masked_softmax_with_padding():
@@ -189,12 +198,15 @@ def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(p
     import deepspeed
 
     from bertds.engine import micro_step
+
     torch.manual_seed(0)
     model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
     plain = copy.deepcopy(model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                      config={"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
-                                              "gradient_clipping": 0.0})  # DeepSpeed's default is 1.0
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        config={"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9, "gradient_clipping": 0.0},
+    )  # DeepSpeed's default is 1.0
     reduced = []
     monkeypatch.setattr(engine, "allreduce_gradients", lambda *a, **k: reduced.append(1))
     b = make_batch()

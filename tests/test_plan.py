@@ -21,8 +21,9 @@ def test_large_on_the_meta_device_has_335m_parameters():
     assert largest == 30522 * 1024 + 30522  # the MLM decoder: the tied word embedding and its bias
 
 
-@pytest.mark.parametrize("zero,offload,gpus", [(2, False, 64), (2, True, 64), (3, False, 64), (3, True, 64),
-                                               (2, False, 8), (3, False, 16)])
+@pytest.mark.parametrize(
+    "zero,offload,gpus", [(2, False, 64), (2, True, 64), (3, False, 64), (3, True, 64), (2, False, 8), (3, False, 16)]
+)
 def test_model_states_match_deepspeed_estimators(zero, offload, gpus):
     cfg = PlanConfig(model="large", zero=zero, offload=offload, gpus=gpus, gpus_per_node=8, precision="bf16")
     p = plan(cfg)
@@ -30,8 +31,9 @@ def test_model_states_match_deepspeed_estimators(zero, offload, gpus):
     if zero == 2:
         _, gpu = estimate_zero2_model_states_mem_needs(p.parameters, 8, nodes, cpu_offload=offload)
     else:
-        _, gpu, _ = estimate_zero3_model_states_mem_needs(p.parameters, p.largest_layer, 8, nodes,
-                                                          cpu_offload=offload, cpu_offload_params=False)
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            p.parameters, p.largest_layer, 8, nodes, cpu_offload=offload, cpu_offload_params=False
+        )
     assert abs(p.model_states_bytes - gpu) / gpu < 0.10
 
 
@@ -72,17 +74,25 @@ def test_activations_match_the_megatron_formula_and_flash_drops_the_quadratic_te
 
 def verdicts(out: str) -> dict[str, tuple[float, float, str, float, int]]:
     """{"without checkpointing": (total GiB, budget GiB, verdict, headroom GiB, headroom %), "with ...": (...)}."""
-    found = re.findall(r"^(with(?:out)? checkpointing): ([\d.]+) GiB of ([\d.]+) GiB -> (fits|does NOT fit), "
-                       r"headroom (-?[\d.]+) GiB \((-?\d+)%\)$", out, re.M)
-    return {name: (float(total), float(budget), verdict, float(headroom), int(percent))
-            for name, total, budget, verdict, headroom, percent in found}
+    found = re.findall(
+        r"^(with(?:out)? checkpointing): ([\d.]+) GiB of ([\d.]+) GiB -> (fits|does NOT fit), "
+        r"headroom (-?[\d.]+) GiB \((-?\d+)%\)$",
+        out,
+        re.M,
+    )
+    return {
+        name: (float(total), float(budget), verdict, float(headroom), int(percent))
+        for name, total, budget, verdict, headroom, percent in found
+    }
 
 
 def check_verdicts(out: str, p, budget_gib: float) -> None:
     """Both verdict lines state the plan's totals against the budget: fit, headroom in GiB and in percent."""
     lines = verdicts(out)
-    expected = {"without checkpointing": p.model_states_bytes + p.activations_bytes,
-                "with checkpointing": p.model_states_bytes + p.activations_checkpointed_bytes}
+    expected = {
+        "without checkpointing": p.model_states_bytes + p.activations_bytes,
+        "with checkpointing": p.model_states_bytes + p.activations_checkpointed_bytes,
+    }
     assert set(lines) == set(expected)
     for name, total_bytes in expected.items():
         total, budget, verdict, headroom, percent = lines[name]
@@ -94,24 +104,43 @@ def check_verdicts(out: str, p, budget_gib: float) -> None:
 
 
 def test_fit_verdict_and_headroom(capsys):
-    args = ["--model", "large", "--max-len", "512", "--micro-batch", "8", "--zero", "2", "--precision", "bf16",
-            "--gpus", "64", "--gpu-memory", "80"]
+    args = [
+        "--model",
+        "large",
+        "--max-len",
+        "512",
+        "--micro-batch",
+        "8",
+        "--zero",
+        "2",
+        "--precision",
+        "bf16",
+        "--gpus",
+        "64",
+        "--gpu-memory",
+        "80",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert re.search(r"^large: 336\.2M parameters", out, re.M)
-    check_verdicts(out, plan(PlanConfig(model="large", max_len=512, micro_batch=8, zero=2, precision="bf16",
-                                        gpus=64)), 80)
+    check_verdicts(
+        out, plan(PlanConfig(model="large", max_len=512, micro_batch=8, zero=2, precision="bf16", gpus=64)), 80
+    )
     assert {verdict for _, _, verdict, _, _ in verdicts(out).values()} == {"fits"}
-    assert main(["--model", "large", "--micro-batch", "256", "--zero", "0", "--gpus", "1", "--gpu-memory",
-                 "16"]) == 0
+    assert main(["--model", "large", "--micro-batch", "256", "--zero", "0", "--gpus", "1", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr().out
     check_verdicts(out, plan(PlanConfig(model="large", micro_batch=256, zero=0, gpus=1, gpu_memory_gib=16)), 16)
     assert {verdict for _, _, verdict, _, _ in verdicts(out).values()} == {"does NOT fit"}
 
 
-@pytest.mark.parametrize("args,message", [(["--model", "huge"], "unknown model"),
-                                          (["--zero", "1", "--offload"], "needs --zero 2 or 3"),
-                                          (["--max-len", "1024"], "outside")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "huge"], "unknown model"),
+        (["--zero", "1", "--offload"], "needs --zero 2 or 3"),
+        (["--max-len", "1024"], "outside"),
+    ],
+)
 def test_user_errors_exit_2(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err

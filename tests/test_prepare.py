@@ -1,6 +1,7 @@
 """Preparing or reusing prepared data (bertds/data/prepare.py, shards.py) when its files are damaged (issue 13 §5,
 §6, §8): a ``--prepared`` or ``--out`` directory is refused with one error line and left as it is, a cache entry is
 prepared again; stale preparation directories of dead processes go, those of live ones stay."""
+
 import json
 import shutil
 import socket
@@ -44,7 +45,7 @@ def damage(directory: Path, how: str) -> Path:
     if how == "deleted":
         shard.unlink()
     elif how == "truncated":
-        shard.write_bytes(data[:len(data) // 2])
+        shard.write_bytes(data[: len(data) // 2])
     else:  # corrupt, same size
         shard.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
     return shard
@@ -70,14 +71,17 @@ def small_corpus(tmp_path_factory) -> Path:
     """Blank-line separated documents of WikiText-style paragraphs: quick to prepare."""
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(30)]
-    documents = ["\n".join(" . ".join(" ".join(rng.choice(words, rng.integers(2, 8))) for _ in range(4))
-                           for _ in range(3)) for _ in range(40)]
+    documents = [
+        "\n".join(" . ".join(" ".join(rng.choice(words, rng.integers(2, 8))) for _ in range(4)) for _ in range(3))
+        for _ in range(40)
+    ]
     path = tmp_path_factory.mktemp("small-corpus") / "corpus.txt"
     path.write_text("\n\n".join(documents) + "\n")
     return path
 
 
 # --- --prepared: refused, one line, nothing deleted (§5, §6) -------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["deleted", "truncated", "corrupt"])
 def test_a_damaged_prepared_shard_is_one_error_naming_it_and_nothing_is_deleted(prepared_copy, how, capsys):
@@ -86,21 +90,27 @@ def test_a_damaged_prepared_shard_is_one_error_naming_it_and_nothing_is_deleted(
     before = files(prepared_copy)
     config = DataConfig(prepared=str(prepared_copy), max_len=64)
     assert run_cli(lambda: prepare_for_training(config, rank=0)) == EXIT_USER_ERROR
-    problem = {"deleted": "is missing",
-               "truncated": f"has {size // 2} bytes, not the {size} it was written with (truncated or replaced)",
-               "corrupt": "does not match its SHA-256 checksum (corrupt)"}[how]
+    problem = {
+        "deleted": "is missing",
+        "truncated": f"has {size // 2} bytes, not the {size} it was written with (truncated or replaced)",
+        "corrupt": "does not match its SHA-256 checksum (corrupt)",
+    }[how]
     assert capsys.readouterr().err.splitlines() == [
         f"error: {prepared_copy}: shard {SHARDS}/{shard.name} {problem}; delete {prepared_copy} and prepare the data "
-        "again (launcher/prepare_data.py)"]
+        "again (launcher/prepare_data.py)"
+    ]
     assert files(prepared_copy) == before
 
 
-@pytest.mark.parametrize("edit, problem", [
-    ("max_len", "manifest.json was changed after preparation (its checksum differs)"),
-    ("max_len resealed", "the shards hold {n} examples of 64 tokens, the manifest says {n} of 128"),
-    ("shard checksum resealed", "shard shards/{shard} does not match its SHA-256 checksum (corrupt)"),
-    ("tokenizer", "tokenizer.json is not the tokenizer its examples were made with"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        ("max_len", "manifest.json was changed after preparation (its checksum differs)"),
+        ("max_len resealed", "the shards hold {n} examples of 64 tokens, the manifest says {n} of 128"),
+        ("shard checksum resealed", "shard shards/{shard} does not match its SHA-256 checksum (corrupt)"),
+        ("tokenizer", "tokenizer.json is not the tokenizer its examples were made with"),
+    ],
+)
 def test_an_edited_prepared_directory_is_refused(prepared_copy, prepared, edit, problem):
     shard = only_shard(prepared_copy).name
     if edit.startswith("max_len"):
@@ -108,20 +118,30 @@ def test_an_edited_prepared_directory_is_refused(prepared_copy, prepared, edit, 
     elif edit.startswith("shard checksum"):
         edit_manifest(prepared_copy, reseal=True, shard_sha256={shard: "0" * 64})
     else:  # another run's tokenizer in place of the examples' own
-        (prepared_copy / "tokenizer.json").write_text((prepared_copy / "tokenizer.json").read_text()
-                                                      .replace('"the"', '"thee"', 1))
+        (prepared_copy / "tokenizer.json").write_text(
+            (prepared_copy / "tokenizer.json").read_text().replace('"the"', '"thee"', 1)
+        )
     with pytest.raises(UserError) as refused:
         load_prepared(prepared_copy)
-    assert str(refused.value) == (f"{prepared_copy}: {problem.format(n=len(prepared.examples), shard=shard)}; "
-                                  f"delete {prepared_copy} and prepare the data again (launcher/prepare_data.py)")
+    assert str(refused.value) == (
+        f"{prepared_copy}: {problem.format(n=len(prepared.examples), shard=shard)}; "
+        f"delete {prepared_copy} and prepare the data again (launcher/prepare_data.py)"
+    )
 
 
 def test_training_on_a_damaged_prepared_directory_exits_2_with_one_line(prepared_copy, cache_dir, tmp_path):
     shard = damage(prepared_copy, "truncated")
     before = files(prepared_copy)
-    result = subprocess.run(launcher_command("pretrain.py", "--prepared", str(prepared_copy), "--output-dir",
-                                             str(tmp_path / "run"), *TRAIN),
-                            cwd=REPO, env=launcher_env(cache_dir), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        launcher_command(
+            "pretrain.py", "--prepared", str(prepared_copy), "--output-dir", str(tmp_path / "run"), *TRAIN
+        ),
+        cwd=REPO,
+        env=launcher_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"shard {SHARDS}/{shard.name} has" in errors[0] and "Traceback" not in result.stderr
@@ -129,6 +149,7 @@ def test_training_on_a_damaged_prepared_directory_exits_2_with_one_line(prepared
 
 
 # --- the cache: a damaged entry is prepared again, never trusted (§5) ---------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["deleted", "truncated", "corrupt", "tokenizer"])
 def test_a_damaged_cache_entry_is_prepared_again_with_a_warning(small_corpus, tmp_path, how, capsys):
@@ -158,9 +179,14 @@ def test_training_reuses_an_intact_cache_entry_and_rebuilds_a_damaged_one(small_
     entry = prepare_for_training(DataConfig(corpus=[str(small_corpus)], min_freq=1, cache_dir=str(cache)), 0).path
 
     def train(name: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(launcher_command("pretrain.py", *flags, "--output-dir", str(tmp_path / name),
-                                                 *TRAIN), cwd=REPO, env=launcher_env(cache), capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            launcher_command("pretrain.py", *flags, "--output-dir", str(tmp_path / name), *TRAIN),
+            cwd=REPO,
+            env=launcher_env(cache),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result
 
@@ -175,6 +201,7 @@ def test_training_reuses_an_intact_cache_entry_and_rebuilds_a_damaged_one(small_
 
 
 # --- stale preparation directories (§8) -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def dead_pid() -> int:
@@ -209,11 +236,22 @@ def test_stale_preparation_directories_of_dead_processes_are_removed(small_corpu
 
 
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
-def test_reusing_a_damaged_out_directory_is_one_error_and_deletes_nothing(prepare_cli, small_corpus, tmp_path, how,
-                                                                         capsys):
+def test_reusing_a_damaged_out_directory_is_one_error_and_deletes_nothing(
+    prepare_cli, small_corpus, tmp_path, how, capsys
+):
     out = tmp_path / "out"
-    args = ["--corpus", str(small_corpus), "--min-freq", "1", "--max-len", "24", "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--corpus",
+        str(small_corpus),
+        "--min-freq",
+        "1",
+        "--max-len",
+        "24",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert prepare_cli(args) == 0
     assert capsys.readouterr().out.startswith("prepared ")
     assert prepare_cli(args) == 0
@@ -235,9 +273,23 @@ def test_an_out_that_holds_something_else_is_refused_untouched(prepare_cli, smal
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     before = files(tmp_path)
-    assert prepare_cli(["--corpus", str(small_corpus), "--min-freq", "1", "--out", str(out), "--cache-dir",
-                        str(tmp_path / "cache")]) == EXIT_USER_ERROR
+    assert (
+        prepare_cli(
+            [
+                "--corpus",
+                str(small_corpus),
+                "--min-freq",
+                "1",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == EXIT_USER_ERROR
+    )
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"error: {out} is {existing}; nothing was written there: choose a new directory to write the "
-                   "prepared data to"]
+    assert err == [
+        f"error: {out} is {existing}; nothing was written there: choose a new directory to write the prepared data to"
+    ]
     assert {k: v for k, v in files(tmp_path).items() if not k.startswith("cache")} == before

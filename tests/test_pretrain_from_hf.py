@@ -1,4 +1,5 @@
 """launcher/pretrain.py --init-from-hf: continue pretraining from a Hugging Face BERT directory."""
+
 import json
 
 import pytest
@@ -12,6 +13,7 @@ pytest.importorskip("transformers")  # the hf extra; .ci/run installs it
 @pytest.fixture(scope="module")
 def exported(launch, wikitext_dir, tmp_path_factory):
     import bertds.export
+
     run = tiny_pretrained_run(launch, wikitext_dir, tmp_path_factory)
     out = tmp_path_factory.mktemp("hf-export")
     assert bertds.export.main(["--checkpoint", str(run), "--out", str(out)]) == 0
@@ -20,8 +22,19 @@ def exported(launch, wikitext_dir, tmp_path_factory):
 
 def test_pretraining_continues_from_an_exported_hugging_face_directory(exported, launch, wikitext_dir, tmp_path):
     run, hf_dir = exported
-    common = ["--data-dir", str(wikitext_dir), "--max-steps", "2", "--batch-size", "64", "--lr", "1e-3",
-              "--log-interval", "1", "--no-wandb"]
+    common = [
+        "--data-dir",
+        str(wikitext_dir),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--log-interval",
+        "1",
+        "--no-wandb",
+    ]
     from_hf = launch("pretrain.py", *common, "--init-from-hf", str(hf_dir), "--output-dir", str(tmp_path / "hf"))
     scratch = launch("pretrain.py", *common, "--output-dir", str(tmp_path / "scratch"))
     assert from_hf.returncode == 0 and scratch.returncode == 0, from_hf.log[-3000:] + scratch.log[-2000:]

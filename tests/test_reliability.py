@@ -1,4 +1,5 @@
 """Faults a long pretraining run meets: kill -9, preemption signals, crashes while saving, divergence, bad input."""
+
 import json
 import math
 import os
@@ -23,8 +24,15 @@ RUN = ["--batch-size", "32", "--log-interval", "1", "--max-steps", str(STEPS)]
 
 def start(cache_dir, output_dir, *args, nproc=None, env=None) -> subprocess.Popen:
     cmd = launcher_command("pretrain.py", *RUN, "--output-dir", str(output_dir), *args, nproc=nproc)
-    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(cache_dir, **(env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launcher_env(cache_dir, **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -53,16 +61,27 @@ def reference(launch, wikitext_dir, tmp_path_factory):
     for nproc in (None, 2):
         output_dir = tmp_path_factory.mktemp(f"reference-{nproc}")
         extra = [] if nproc is None else ["--no-wandb"]
-        result = launch("pretrain.py", *RUN, "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir),
-                        "--save-interval", "10", *extra, nproc=nproc)
+        result = launch(
+            "pretrain.py",
+            *RUN,
+            "--data-dir",
+            str(wikitext_dir),
+            "--output-dir",
+            str(output_dir),
+            "--save-interval",
+            "10",
+            *extra,
+            nproc=nproc,
+        )
         assert result.returncode == 0, result.log[-3000:]
         runs[nproc] = output_dir
     return runs
 
 
 @pytest.mark.parametrize("nproc", [None, 2], ids=["1-rank", "2-ranks"])
-def test_kill_9_and_resume_reproduces_the_uninterrupted_losses(reference, launch, wikitext_dir, cache_dir, tmp_path,
-                                                                nproc):
+def test_kill_9_and_resume_reproduces_the_uninterrupted_losses(
+    reference, launch, wikitext_dir, cache_dir, tmp_path, nproc
+):
     args = ["--data-dir", str(wikitext_dir), "--save-interval", "10", "--no-wandb"]
     proc = start(cache_dir, tmp_path, *args, nproc=nproc)
     wait_for_step(tmp_path, 12, proc)
@@ -94,10 +113,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes(reference, launch,
 
 
 def test_a_crash_while_saving_never_becomes_latest(reference, launch, wikitext_dir, cache_dir, tmp_path):
-    args = [*RUN, "--data-dir", str(wikitext_dir), "--output-dir", str(tmp_path), "--save-interval", "5",
-            "--no-wandb"]
-    crashed = subprocess.run([sys.executable, str(REPO / "tests" / "crash_before_latest.py"), "step00000010", *args],
-                             cwd=REPO, env=launcher_env(cache_dir), capture_output=True, text=True, timeout=600)
+    args = [*RUN, "--data-dir", str(wikitext_dir), "--output-dir", str(tmp_path), "--save-interval", "5", "--no-wandb"]
+    crashed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "crash_before_latest.py"), "step00000010", *args],
+        cwd=REPO,
+        env=launcher_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert crashed.returncode == -signal.SIGKILL
     assert (tmp_path / "checkpoints" / "step00000010").is_dir()  # written, but never committed
     assert latest(tmp_path) == "step00000005"
@@ -130,22 +154,28 @@ def test_tracking_outputs(reference):
     wandb_files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1
     logged = wandb_files[0].read_bytes()
-    assert all(k.encode() in logged for k in ("mlm_loss", "nsp_loss", "mlm_accuracy", "tokens_per_s", "lr",
-                                              "eval/mlm_loss"))
+    assert all(
+        k.encode() in logged for k in ("mlm_loss", "nsp_loss", "mlm_accuracy", "tokens_per_s", "lr", "eval/mlm_loss")
+    )
     assert b"train_batch_size" in logged  # the run config
 
 
 def snapshot(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
 def bad_configs(tmp_path):
-    configs = {"unknown_key": {"train_batch_sizes": 32}, "bad_zero": {"train_batch_size": 32,
-               "zero_optimization": {"stage": 2, "overlap_com": True}},
-               "indivisible": {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8},
-               "accumulation": {"train_batch_size": 96, "gradient_accumulation_steps": 7}}
+    configs = {
+        "unknown_key": {"train_batch_sizes": 32},
+        "bad_zero": {"train_batch_size": 32, "zero_optimization": {"stage": 2, "overlap_com": True}},
+        "indivisible": {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8},
+        "accumulation": {"train_batch_size": 96, "gradient_accumulation_steps": 7},
+    }
     for name, config in configs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(config))
     (tmp_path / "empty_data").mkdir()
@@ -155,28 +185,53 @@ def bad_configs(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "holds another run (train_config.json, metrics.jsonl, checkpoints, model.pt); pass --resume auto"),
-    (["--resume", "auto", "--deepspeed_config", "{cfg}/unknown_key.json"],
-     "has an unknown key 'train_batch_sizes'; did you mean 'train_batch_size'?"),
-    (["--resume", "auto", "--deepspeed_config", "{cfg}/bad_zero.json"],
-     "zero_optimization.overlap_com: Extra inputs are not permitted"),
-    (["--resume", "auto", "--deepspeed_config", "{cfg}/accumulation.json", "--batch-size", "96"],
-     "train_batch_size 96 is not divisible by gradient_accumulation_steps 7 × world size 1"),
-    (["--resume", "auto", "--batch-size", "64"],
-     "was written with train_batch_size 32 (now 64), micro_batch 32 (now 64); resume with the same"),
-    (["--resume", "auto", "--deepspeed_config", "{cfg}/indivisible.json"],
-     "train_batch_size 100 is not divisible by micro batch 8 × world size 1"),
-    (["--resume", "auto", "--data-dir", "{cfg}/empty_data"], "wiki.train.tokens is missing"),
-    (["--resume", "auto", "--model", "small"], "was written for another model config (hidden_size: checkpoint 128"),
-    (["--resume", "auto", "--data-dir", "{cfg}/other_corpus"], "was written with a different vocabulary"),
-    (["--resume", "auto", "--max-len", "600"], "--max-len 600 exceeds the model's 512 positions"),
-    (["--resume", "auto", "--model", "huge"], "unknown model 'huge'"),
-    (["--resume", "/nonexistent/checkpoint"], "--resume /nonexistent/checkpoint is not a bertds checkpoint"),
-], ids=["other-run", "unknown-key", "bad-zero", "batch-flag", "resume-batch", "batch-json", "empty-data",
-        "model-config", "vocabulary", "max-len", "model-name", "resume-path"])
-def test_bad_input_exits_2_and_leaves_the_run_untouched(reference, launch, wikitext_dir, bad_configs, args,
-                                                        message):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "holds another run (train_config.json, metrics.jsonl, checkpoints, model.pt); pass --resume auto"),
+        (
+            ["--resume", "auto", "--deepspeed_config", "{cfg}/unknown_key.json"],
+            "has an unknown key 'train_batch_sizes'; did you mean 'train_batch_size'?",
+        ),
+        (
+            ["--resume", "auto", "--deepspeed_config", "{cfg}/bad_zero.json"],
+            "zero_optimization.overlap_com: Extra inputs are not permitted",
+        ),
+        (
+            ["--resume", "auto", "--deepspeed_config", "{cfg}/accumulation.json", "--batch-size", "96"],
+            "train_batch_size 96 is not divisible by gradient_accumulation_steps 7 × world size 1",
+        ),
+        (
+            ["--resume", "auto", "--batch-size", "64"],
+            "was written with train_batch_size 32 (now 64), micro_batch 32 (now 64); resume with the same",
+        ),
+        (
+            ["--resume", "auto", "--deepspeed_config", "{cfg}/indivisible.json"],
+            "train_batch_size 100 is not divisible by micro batch 8 × world size 1",
+        ),
+        (["--resume", "auto", "--data-dir", "{cfg}/empty_data"], "wiki.train.tokens is missing"),
+        (["--resume", "auto", "--model", "small"], "was written for another model config (hidden_size: checkpoint 128"),
+        (["--resume", "auto", "--data-dir", "{cfg}/other_corpus"], "was written with a different vocabulary"),
+        (["--resume", "auto", "--max-len", "600"], "--max-len 600 exceeds the model's 512 positions"),
+        (["--resume", "auto", "--model", "huge"], "unknown model 'huge'"),
+        (["--resume", "/nonexistent/checkpoint"], "--resume /nonexistent/checkpoint is not a bertds checkpoint"),
+    ],
+    ids=[
+        "other-run",
+        "unknown-key",
+        "bad-zero",
+        "batch-flag",
+        "resume-batch",
+        "batch-json",
+        "empty-data",
+        "model-config",
+        "vocabulary",
+        "max-len",
+        "model-name",
+        "resume-path",
+    ],
+)
+def test_bad_input_exits_2_and_leaves_the_run_untouched(reference, launch, wikitext_dir, bad_configs, args, message):
     run = reference[None]
     before = snapshot(run)
     args = [a.replace("{cfg}", str(bad_configs)) for a in args]
@@ -198,8 +253,9 @@ def test_resuming_a_finished_run_changes_nothing(reference, launch, wikitext_dir
     assert snapshot(run) == before
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(process_group, tiny_ds_config, wikitext_dir,
-                                                                   cache_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    process_group, tiny_ds_config, wikitext_dir, cache_dir, tmp_path, monkeypatch
+):
     real_step, calls = train_module.micro_step, []
 
     def poisoned_step(engine, batch, **kwargs):
@@ -211,8 +267,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(process_group
 
     monkeypatch.setattr(train_module, "micro_step", poisoned_step)
     cfg = train_module.TrainConfig(
-        deepspeed_config=str(tiny_ds_config), data=DataConfig(data_dir=str(wikitext_dir), cache_dir=str(cache_dir)),
-        batch_size=16, max_steps=10, log_interval=1, save_interval=2, output_dir=str(tmp_path), wandb=False)
+        deepspeed_config=str(tiny_ds_config),
+        data=DataConfig(data_dir=str(wikitext_dir), cache_dir=str(cache_dir)),
+        batch_size=16,
+        max_steps=10,
+        log_interval=1,
+        save_interval=2,
+        output_dir=str(tmp_path),
+        wandb=False,
+    )
     with pytest.raises(train_module.TrainingDiverged, match="loss became NaN/inf at step 6"):
         train_module.train(cfg)
     assert latest(tmp_path) == "step00000004"

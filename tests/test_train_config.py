@@ -1,4 +1,5 @@
 """Pretraining flags are validated when parsed (issue 13 §7): one UserError each, before anything starts."""
+
 import os
 import shutil
 import subprocess
@@ -14,19 +15,22 @@ from tests.conftest import REPO, launcher_env, load_launcher
 pretrain = load_launcher("pretrain.py")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
-    (["--batch-size", "-4"], "--batch-size -4 must be at least 1"),
-    (["--lr", "-1"], "--lr -1.0 must be positive"),
-    (["--dropout", "1.5"], "--dropout 1.5 must be in"),
-    (["--log-interval", "0"], "--log-interval 0 must be at least 1"),
-    (["--max-steps", "0"], "--max-steps 0 must be at least 1"),
-    (["--max-steps", "-1"], "--max-steps -1 must be at least 1"),
-    (["--save-interval", "-1"], "--save-interval -1 must be at least 0"),
-    (["--keep-last", "-1"], "--keep-last -1 must be at least 0"),
-    (["--overwrite", "--resume", "auto"], "pass one"),
-    (["--max-len", "4", "--truncate"], "--max-len 4: must be in 5..512"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--batch-size", "-4"], "--batch-size -4 must be at least 1"),
+        (["--lr", "-1"], "--lr -1.0 must be positive"),
+        (["--dropout", "1.5"], "--dropout 1.5 must be in"),
+        (["--log-interval", "0"], "--log-interval 0 must be at least 1"),
+        (["--max-steps", "0"], "--max-steps 0 must be at least 1"),
+        (["--max-steps", "-1"], "--max-steps -1 must be at least 1"),
+        (["--save-interval", "-1"], "--save-interval -1 must be at least 0"),
+        (["--keep-last", "-1"], "--keep-last -1 must be at least 0"),
+        (["--overwrite", "--resume", "auto"], "pass one"),
+        (["--max-len", "4", "--truncate"], "--max-len 4: must be in 5..512"),
+    ],
+)
 def test_bad_training_flags_are_one_user_error(args, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         pretrain.parse_args(args)
@@ -58,11 +62,13 @@ def test_a_bad_flag_is_said_once_by_a_two_rank_launch(launch, tmp_path):
     result = launch("pretrain.py", "--max-steps", "0", "--output-dir", str(tmp_path), nproc=2, timeout=300)
     assert result.returncode == 2, result.log[-2000:]
     assert [line for line in result.log.splitlines() if "error: " in line] == [
-        "error: --max-steps 0 must be at least 1; pass a value >= 1"]
+        "error: --max-steps 0 must be at least 1; pass a value >= 1"
+    ]
     assert not any(tmp_path.iterdir())
 
 
 # --- --output-dir and --cache-dir: checked when parsed, before the process group (issue 13 §7) ----------------------
+
 
 def unusable(tmp_path: Path, place: str) -> tuple[Path, str]:
     """A directory argument that cannot be used, and the refusal's reason."""
@@ -117,21 +123,31 @@ def read_only_dir(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir", None])
-def test_a_read_only_output_or_cache_dir_exits_2_before_the_process_group_starts(read_only_dir, flag, tmp_path,
-                                                                                   wikitext_dir, cache_dir):
+def test_a_read_only_output_or_cache_dir_exits_2_before_the_process_group_starts(
+    read_only_dir, flag, tmp_path, wikitext_dir, cache_dir
+):
     read_only, prefix = read_only_dir
     dirs = {"--output-dir": str(tmp_path / "run"), "--cache-dir": str(cache_dir)}
     if flag is not None:
         dirs[flag] = str(read_only / "sub")
-    command = [sys.executable, "-c", STOP_AT_PROCESS_GROUP, str(REPO / "launcher" / "pretrain.py"), "--data-dir",
-               str(wikitext_dir), *(x for item in dirs.items() for x in item)]
-    result = subprocess.run([*prefix, *command], cwd=REPO, env=launcher_env(cache_dir), capture_output=True,
-                            text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-c",
+        STOP_AT_PROCESS_GROUP,
+        str(REPO / "launcher" / "pretrain.py"),
+        "--data-dir",
+        str(wikitext_dir),
+        *(x for item in dirs.items() for x in item),
+    ]
+    result = subprocess.run(
+        [*prefix, *command], cwd=REPO, env=launcher_env(cache_dir), capture_output=True, text=True, timeout=300
+    )
     if flag is None:  # the probe sees the process group start when nothing is wrong
         assert result.returncode == 99 and PROCESS_GROUP_STARTS in result.stdout, result.stdout + result.stderr
         return
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {flag} {read_only / 'sub'}: {read_only} is not "
-                                                     "writable (")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {flag} {read_only / 'sub'}: {read_only} is not writable ("
+    )
     assert PROCESS_GROUP_STARTS not in result.stdout and "Traceback" not in result.stderr

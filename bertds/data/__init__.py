@@ -3,16 +3,24 @@
 -> ``prepare`` (what to build or reuse: cache, ``--prepared``, ranks) -> ``loader`` (batches); ``config`` holds the
 flags. Names are imported from their modules on first use, so ``import bertds.data`` loads neither ``datasets``
 nor DeepSpeed."""
+
 import importlib
 
 _EXPORTS = {
-    "DataConfig": "config", "add_data_arguments": "config", "data_config_from_args": "config",
-    "Corpus": "corpus", "resolve_corpus": "corpus",
+    "DataConfig": "config",
+    "add_data_arguments": "config",
+    "data_config_from_args": "config",
+    "Corpus": "corpus",
+    "resolve_corpus": "corpus",
     "ExampleConfig": "examples",
     "MaskingSpec": "masking",
-    "PreparedData": "shards", "load_prepared": "shards",
-    "TokenizerChoice": "prepare", "build_examples": "prepare", "prepare_directory": "prepare",
-    "prepare_for_training": "prepare", "prepare_pretraining_data": "prepare",
+    "PreparedData": "shards",
+    "load_prepared": "shards",
+    "TokenizerChoice": "prepare",
+    "build_examples": "prepare",
+    "prepare_directory": "prepare",
+    "prepare_for_training": "prepare",
+    "prepare_pretraining_data": "prepare",
     "PretrainingBatches": "loader",
     "Vocab": "tokenizer",
 }

@@ -17,6 +17,7 @@ from the front or the back at random, to ``max_len - 3``.
 Sentences of a document are contiguous in a chunk's flat id array, so A and B are (start, length) ranges; the
 loop below runs once per sentence, never per token.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -58,8 +59,9 @@ def split_sentences(lines: pa.Array, tokenized: bool) -> pa.ListArray:
     """Each line's sentences."""
     if tokenized:
         return pc.split_pattern(pc.replace_substring_regex(lines, TOKENIZED_SENTENCE_END, "\\1\n"), "\n")
-    return pa.array([list(sentencex.segment(LANGUAGE, line)) for line in lines.to_pylist()],
-                    type=pa.list_(pa.large_string()))
+    return pa.array(
+        [list(sentencex.segment(LANGUAGE, line)) for line in lines.to_pylist()], type=pa.list_(pa.large_string())
+    )
 
 
 def chunk_sentences(texts: list[str], vocab: Vocab, wikitext: bool, tokenized: bool) -> TokenizedChunk:
@@ -77,13 +79,13 @@ def chunk_sentences(texts: list[str], vocab: Vocab, wikitext: bool, tokenized: b
     words = pc.utf8_split_whitespace(pc.list_flatten(sentences))
     ids, tokens_per_word = vocab.encode_words(pc.list_flatten(words))
     word_offsets = words.offsets.to_numpy().astype(np.int64) - words.offsets[0].as_py()
-    token_offsets = word_offsets if tokens_per_word is None else \
-        np.concatenate([[0], np.cumsum(tokens_per_word)])[word_offsets]
+    token_offsets = (
+        word_offsets if tokens_per_word is None else np.concatenate([[0], np.cumsum(tokens_per_word)])[word_offsets]
+    )
     start, length = token_offsets[:-1], np.diff(token_offsets)
     nonempty = length > 0
     doc = sentence_doc[nonempty]
-    return TokenizedChunk(ids, start[nonempty], length[nonempty],
-                          np.flatnonzero(np.diff(doc, prepend=-1, append=-1)))
+    return TokenizedChunk(ids, start[nonempty], length[nonempty], np.flatnonzero(np.diff(doc, prepend=-1, append=-1)))
 
 
 class DocumentPool:
@@ -107,8 +109,9 @@ class DocumentPool:
         return c, b_start, int(chunk.end[max(last, j)]) - b_start
 
 
-def create_pairs(pool: DocumentPool, current: int, config: ExampleConfig,
-                 rng: random.Random) -> list[tuple[int, int, int, int, int, int]]:
+def create_pairs(
+    pool: DocumentPool, current: int, config: ExampleConfig, rng: random.Random
+) -> list[tuple[int, int, int, int, int, int]]:
     """Google's ``create_instances_from_document`` (ALBERT's for SOP) over every document of chunk ``current``
     of the pool. Returns (a_start, a_len, b_chunk, b_start, b_len, label) tuples; A is in chunk ``current``."""
     max_tokens = config.max_len - 3
@@ -132,8 +135,7 @@ def create_pairs(pool: DocumentPool, current: int, config: ExampleConfig,
                 b_len = starts[i] + lengths[i] - b_start
                 if count == 1 or (not sop and rng.random() < 0.5):
                     if can_draw:
-                        b_chunk, b_start, b_len = pool.random_segment(rng, pool.first_doc[current] + d,
-                                                                      target - a_len)
+                        b_chunk, b_start, b_len = pool.random_segment(rng, pool.first_doc[current] + d, target - a_len)
                         pairs.append((a_start, a_len, b_chunk, b_start, b_len, 1 if sop else 0))
                     i -= count - a_end  # the sentences not used for A go back to the document
                 elif sop and rng.random() < 0.5:
@@ -161,8 +163,9 @@ def gather_pairs(pool: DocumentPool, current: int, found: list[tuple]) -> tuple[
     return ids, PairRanges(table[:, 0], table[:, 1], b_start, b_len, table[:, 5].astype(np.int8))
 
 
-def bert_examples(pool: DocumentPool, current: int, vocab: Vocab, config: ExampleConfig,
-                  chunk_index: int) -> dict[str, np.ndarray]:
+def bert_examples(
+    pool: DocumentPool, current: int, vocab: Vocab, config: ExampleConfig, chunk_index: int
+) -> dict[str, np.ndarray]:
     """The examples of chunk ``current`` of the pool (``chunk_index`` of the corpus), ``dupe_factor`` times with
     different pairs and masks. Randomness comes from (seed, chunk index, copy), so the same chunk with the same
     pool gives the same examples whether the corpus was read whole or streamed."""

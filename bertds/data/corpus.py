@@ -6,6 +6,7 @@ A document is the text of one article: in WikiText the lines between two ``" = T
 files the lines between blank lines (Google's BERT input format), in ``.jsonl`` / ``.parquet`` / hub datasets the
 ``text`` field of one row. Paragraphs inside a document are separated by ``\n``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,10 @@ def wikitext_dir(data_dir: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(chosen).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"data directory {path} does not exist; pass --data-dir (or set {DATA_DIR_ENV}) "
-                        f"to a directory holding {', '.join(WIKITEXT_FILES.values())}")
+        raise UserError(
+            f"data directory {path} does not exist; pass --data-dir (or set {DATA_DIR_ENV}) "
+            f"to a directory holding {', '.join(WIKITEXT_FILES.values())}"
+        )
     return path
 
 
@@ -56,8 +59,10 @@ def wikitext_file(directory: Path, split: str) -> Path:
     """The WikiText-2 file of ``split`` in ``directory``, which must exist and hold text."""
     path = directory / WIKITEXT_FILES[wikitext_split(split)]
     if not path.is_file():
-        raise UserError(f"{path} is missing; the data directory must hold the WikiText-2 files "
-                        f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)")
+        raise UserError(
+            f"{path} is missing; the data directory must hold the WikiText-2 files "
+            f"{', '.join(WIKITEXT_FILES.values())} (or leave --data-dir unset to use the hub)"
+        )
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; point --data-dir at a directory with the WikiText-2 text")
     return path
@@ -65,8 +70,12 @@ def wikitext_file(directory: Path, split: str) -> Path:
 
 # --- documents, for the original-BERT recipe ---------------------------------------------------------------------
 
-WIKITEXT_NAMES = {"wikitext-2": ("wikitext-2-v1", "tokens"), "wikitext-103": ("wikitext-103-v1", "tokens"),
-                  "wikitext-2-raw": ("wikitext-2-raw-v1", "raw"), "wikitext-103-raw": ("wikitext-103-raw-v1", "raw")}
+WIKITEXT_NAMES = {
+    "wikitext-2": ("wikitext-2-v1", "tokens"),
+    "wikitext-103": ("wikitext-103-v1", "tokens"),
+    "wikitext-2-raw": ("wikitext-2-raw-v1", "raw"),
+    "wikitext-103-raw": ("wikitext-103-raw-v1", "raw"),
+}
 FILE_SUFFIXES = (".txt", ".tokens", ".raw", ".jsonl", ".json", ".parquet")
 HUB_PREFIX = "hub:"
 WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
@@ -101,8 +110,12 @@ class Corpus:
         """One row per document (column ``text``), in corpus order. Streaming reads lazily, one shard per file,
         so ``split_dataset_by_node`` gives each rank whole files (or every world_size-th document)."""
         import datasets
-        kwargs: dict[str, Any] = {"sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
-                  "split": self.split, "wikitext": self.wikitext}
+
+        kwargs: dict[str, Any] = {
+            "sources": [str(p) for p in self.files] if self.hub is None else [self.hub],
+            "split": self.split,
+            "wikitext": self.wikitext,
+        }
         if streaming:
             return datasets.IterableDataset.from_generator(_documents, gen_kwargs=kwargs)
         return datasets.Dataset.from_dict({"text": [row["text"] for row in _documents(**kwargs)]})
@@ -111,12 +124,14 @@ class Corpus:
         """All lines (WikiText) or paragraphs of the corpus, as one Arrow string array, for the d2l recipe."""
         if self.hub is not None:
             import datasets
+
             return pa.array(datasets.load_dataset(*self.hub, split=self.split)["text"], type=pa.large_string())
         parts = []
         for path in self.files:
             if path.suffix in (".jsonl", ".json", ".parquet"):
-                texts = pa.array([row["text"] for row in _documents([str(path)], self.split, False)],
-                                 type=pa.large_string())
+                texts = pa.array(
+                    [row["text"] for row in _documents([str(path)], self.split, False)], type=pa.large_string()
+                )
                 parts.append(pc.list_flatten(pc.split_pattern(texts, "\n")))
             else:
                 parts.append(read_lines(path))
@@ -126,8 +141,9 @@ class Corpus:
 def read_lines(path: Path) -> pa.Array:
     """The lines of a UTF-8 text file, split by Arrow (no Python string per line)."""
     data = path.read_bytes()
-    whole = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.asarray([0, len(data)], dtype=np.int64)),
-                                             pa.py_buffer(data))
+    whole = pa.LargeStringArray.from_buffers(
+        1, pa.py_buffer(np.asarray([0, len(data)], dtype=np.int64)), pa.py_buffer(data)
+    )
     try:
         whole.validate(full=True)
     except pa.ArrowInvalid:
@@ -140,8 +156,12 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
     (``wikitext-2``, ``wikitext-103``, ``-raw`` variants; files from --data-dir, else the hub), ``hub:NAME[:CONFIG]``,
     or local files / directories of .txt, .jsonl, .parquet files. ``split`` is checked (and ``valid`` read as
     ``validation``) for all but other hub datasets, whose splits are their own."""
-    other_hub = names is not None and len(names) == 1 and names[0].startswith(HUB_PREFIX) and \
-        names[0][len(HUB_PREFIX):].partition(":")[0] != HUB_DATASET[0]
+    other_hub = (
+        names is not None
+        and len(names) == 1
+        and names[0].startswith(HUB_PREFIX)
+        and names[0][len(HUB_PREFIX) :].partition(":")[0] != HUB_DATASET[0]
+    )
     split = split if other_hub else wikitext_split(split)
     if not names:
         directory = wikitext_dir(data_dir)
@@ -155,14 +175,17 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
             return Corpus(hub=(HUB_DATASET[0], config), split=split, wikitext=True, tokenized=kind == "tokens")
         path = Path(chosen).expanduser() / WIKITEXT_FILES[split].replace(".tokens", f".{kind}")
         if not path.is_file():
-            raise UserError(f"{path} is missing; point --data-dir at the {names[0]} files, or leave it unset "
-                            "to download from the hub")
+            raise UserError(
+                f"{path} is missing; point --data-dir at the {names[0]} files, or leave it unset "
+                "to download from the hub"
+            )
         return Corpus(files=(path,), split=split, wikitext=True, tokenized=kind == "tokens")
     if len(names) == 1 and names[0].startswith(HUB_PREFIX):
-        name, _, config = names[0][len(HUB_PREFIX):].partition(":")
+        name, _, config = names[0][len(HUB_PREFIX) :].partition(":")
         wikitext = name == HUB_DATASET[0]
-        return Corpus(hub=(name, config or None), split=split, wikitext=wikitext,
-                      tokenized=wikitext and "raw" not in config)
+        return Corpus(
+            hub=(name, config or None), split=split, wikitext=wikitext, tokenized=wikitext and "raw" not in config
+        )
     files: list[Path] = []
     for name in names:
         path = Path(name).expanduser()
@@ -177,14 +200,19 @@ def resolve_corpus(names: list[str] | None, data_dir: str | None = None, split: 
                 raise UserError(f"corpus file {path}: unknown format; use {', '.join(FILE_SUFFIXES)} files")
             files.append(path)
         else:
-            raise UserError(f"corpus {name} does not exist; pass local files or directories, "
-                            f"{', '.join(WIKITEXT_NAMES)}, or {HUB_PREFIX}NAME for a Hugging Face hub dataset")
+            raise UserError(
+                f"corpus {name} does not exist; pass local files or directories, "
+                f"{', '.join(WIKITEXT_NAMES)}, or {HUB_PREFIX}NAME for a Hugging Face hub dataset"
+            )
     empty = [str(p) for p in files if p.stat().st_size == 0]
     if empty:
         raise UserError(f"corpus file(s) {', '.join(empty)} are empty; remove them from --corpus")
-    return Corpus(files=tuple(files), split=split,
-                  wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files),
-                  tokenized=all(p.suffix == ".tokens" for p in files))
+    return Corpus(
+        files=tuple(files),
+        split=split,
+        wikitext=any(p.name.startswith("wiki.") or p.suffix in (".tokens", ".raw") for p in files),
+        tokenized=all(p.suffix == ".tokens" for p in files),
+    )
 
 
 def _group_lines(lines, wikitext: bool):
@@ -207,6 +235,7 @@ def _documents(sources: list, split: str, wikitext: bool):
     for source in sources:
         if isinstance(source, (tuple, list)):  # a hub dataset
             import datasets
+
             rows = datasets.load_dataset(source[0], source[1], split=split, streaming=True)
             if wikitext:
                 yield from _group_lines((row["text"] for row in rows), wikitext=True)
@@ -221,14 +250,16 @@ def _documents(sources: list, split: str, wikitext: bool):
                         try:
                             text = json.loads(line)["text"]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            raise UserError(f"{path}:{number} is not a JSON object with a \"text\" field; "
-                                            "write one {\"text\": ...} document per line") from None
+                            raise UserError(
+                                f'{path}:{number} is not a JSON object with a "text" field; '
+                                'write one {"text": ...} document per line'
+                            ) from None
                         if text.strip():
                             yield {"text": text}
         elif path.suffix == ".parquet":
             table = pq.ParquetFile(path)
             if "text" not in table.schema_arrow.names:
-                raise UserError(f"{path} has no \"text\" column (columns: {', '.join(table.schema_arrow.names)})")
+                raise UserError(f'{path} has no "text" column (columns: {", ".join(table.schema_arrow.names)})')
             for batch in table.iter_batches(columns=["text"], batch_size=1024):
                 yield from ({"text": t} for t in batch.column(0).to_pylist() if t and t.strip())
         else:

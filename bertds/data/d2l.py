@@ -1,5 +1,6 @@
 """d2l's pretraining data (``d2l.load_data_wiki``): the byte-level paragraph/sentence/word split of WikiText
 lines (``_read_wiki``), and NSP sentence pairs of adjacent sentences, vectorised with Arrow compute and numpy."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ class D2LCorpus:
 # as big-endian integers of their bytes.
 _WHITESPACE = [c for c in map(chr, range(0x3001)) if c.isspace()]
 _ASCII_WHITESPACE = np.asarray([ord(c) for c in _WHITESPACE if ord(c) < 0x80], dtype=np.uint8)
-_MULTIBYTE_WHITESPACE = {n: np.asarray([int.from_bytes(c.encode(), "big") for c in _WHITESPACE
-                                        if len(c.encode()) == n], dtype=np.int64) for n in (2, 3)}
+_MULTIBYTE_WHITESPACE = {
+    n: np.asarray([int.from_bytes(c.encode(), "big") for c in _WHITESPACE if len(c.encode()) == n], dtype=np.int64)
+    for n in (2, 3)
+}
 
 
 def _whitespace_mask(data: np.ndarray) -> np.ndarray:
@@ -85,11 +88,14 @@ def _d2l_part(lines: pa.Array) -> _Part:
     from one word start to the next (word + following whitespace) are dictionary-encoded without a copy."""
     lines = pc.fill_null(lines, "").cast(pa.large_string())
     _, offsets_buffer, data_buffer = lines.buffers()
-    line_offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
+    line_offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[lines.offset : lines.offset + len(lines) + 1]
     begin = int(line_offsets[0]) if len(lines) else 0
     line_offsets = line_offsets - begin
-    data = np.frombuffer(data_buffer, dtype=np.uint8)[begin:begin + int(line_offsets[-1])] if len(lines) else \
-        np.zeros(0, dtype=np.uint8)
+    data = (
+        np.frombuffer(data_buffer, dtype=np.uint8)[begin : begin + int(line_offsets[-1])]
+        if len(lines)
+        else np.zeros(0, dtype=np.uint8)
+    )
     ws = _whitespace_mask(data)
     n = len(data)
     word_start = np.empty(n + 1, dtype=bool)  # and n: the word starts are then the offsets of the strings below
@@ -127,8 +133,9 @@ def _d2l_part(lines: pa.Array) -> _Part:
     single = np.flatnonzero(~is_paragraph)
     lengths = line_words[single + 1] - line_words[single]
     outside = np.concatenate([separator_word, np.repeat(line_words[single], lengths) + segment_arange(lengths)])
-    counts = np.bincount(variant_index, minlength=len(encoded.dictionary)) - \
-        np.bincount(variant_index[outside], minlength=len(encoded.dictionary))
+    counts = np.bincount(variant_index, minlength=len(encoded.dictionary)) - np.bincount(
+        variant_index[outside], minlength=len(encoded.dictionary)
+    )
     keep = np.ones(len(starts), dtype=bool)
     keep[separator_word] = False
     return _Part(paragraph_size, is_paragraph, ends - begins, variant_index[keep], encoded.dictionary, counts)
@@ -145,17 +152,21 @@ def d2l_paragraphs(lines: pa.Array) -> D2LCorpus:
     lowered = pc.dictionary_encode(pc.utf8_lower(pc.utf8_rtrim_whitespace(variants)))
     word_of_variant = lowered.indices.to_numpy()
     first = np.cumsum([0] + [len(p.variants) for p in parts])
-    counts = np.bincount(word_of_variant, weights=np.concatenate([p.counts for p in parts]),
-                         minlength=len(lowered.dictionary)).astype(np.int64)
+    counts = np.bincount(
+        word_of_variant, weights=np.concatenate([p.counts for p in parts]), minlength=len(lowered.dictionary)
+    ).astype(np.int64)
     word_index = np.empty(sum(len(p.variant_index) for p in parts), dtype=word_of_variant.dtype)
     bounds = np.cumsum([0] + [len(p.variant_index) for p in parts])
 
     def gather(k: int) -> None:
-        np.take(word_of_variant[first[k]:first[k + 1]], parts[k].variant_index, out=word_index[bounds[k]:bounds[k + 1]])
+        np.take(
+            word_of_variant[first[k] : first[k + 1]], parts[k].variant_index, out=word_index[bounds[k] : bounds[k + 1]]
+        )
 
     list(worker_pool().map(gather, range(len(parts))))
-    paragraph_size, is_paragraph, sentence_words = (np.concatenate([getattr(p, f) for p in parts])
-                                                    for f in ("paragraph_size", "is_paragraph", "sentence_words"))
+    paragraph_size, is_paragraph, sentence_words = (
+        np.concatenate([getattr(p, f) for p in parts]) for f in ("paragraph_size", "is_paragraph", "sentence_words")
+    )
     return D2LCorpus(paragraph_size, is_paragraph, sentence_words, word_index, lowered.dictionary, counts)
 
 
@@ -163,8 +174,10 @@ def corpus_paragraphs(corpus: Corpus) -> D2LCorpus:
     """``d2l_paragraphs`` of the corpus' lines; a corpus without a paragraph of two sentences is refused."""
     paragraphs = d2l_paragraphs(corpus.lines())
     if not (paragraphs.paragraph_size >= 2).any():
-        raise UserError(f"{corpus.describe()} has no paragraph with two or more sentences (sentences are "
-                        "separated by ' . '); check that it is WikiText-style text")
+        raise UserError(
+            f"{corpus.describe()} has no paragraph with two or more sentences (sentences are "
+            "separated by ' . '); check that it is WikiText-style text"
+        )
     return paragraphs
 
 
@@ -174,10 +187,13 @@ def paragraph_sentences(corpus: Corpus) -> list[list[str]]:
     paragraphs = corpus_paragraphs(corpus)
     words = paragraphs.dictionary.take(pa.array(paragraphs.word_index)).to_pylist()
     word_end = np.cumsum(paragraphs.sentence_words).tolist()
-    sentences = [" ".join(words[end - n:end]) for end, n in zip(word_end, paragraphs.sentence_words.tolist())]
+    sentences = [" ".join(words[end - n : end]) for end, n in zip(word_end, paragraphs.sentence_words.tolist())]
     line_end = np.cumsum(paragraphs.paragraph_size).tolist()
-    return [sentences[end - n:end] for end, n, keep in
-            zip(line_end, paragraphs.paragraph_size.tolist(), paragraphs.is_paragraph.tolist()) if keep]
+    return [
+        sentences[end - n : end]
+        for end, n, keep in zip(line_end, paragraphs.paragraph_size.tolist(), paragraphs.is_paragraph.tolist())
+        if keep
+    ]
 
 
 def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict[str, np.ndarray]:
@@ -201,10 +217,16 @@ def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict
     is_next = rng.random(len(first)) < 0.5
     random_paragraph = rng.integers(0, len(paragraph_size), len(first))
     random_sentence = paragraph_start[random_paragraph] + (
-        rng.random(len(first)) * paragraph_size[random_paragraph]).astype(np.int64)
+        rng.random(len(first)) * paragraph_size[random_paragraph]
+    ).astype(np.int64)
     second = np.where(is_next, first + 1, random_sentence)
-    pairs = PairRanges(sentence_start[first], sentence_len[first], sentence_start[second], sentence_len[second],
-                       is_next.astype(np.int8))
+    pairs = PairRanges(
+        sentence_start[first],
+        sentence_len[first],
+        sentence_start[second],
+        sentence_len[second],
+        is_next.astype(np.int8),
+    )
     max_tokens = config.max_len - 3
     if config.truncate:
         cut_a, cut_b = truncate_longest_first(pairs.a_len, pairs.b_len, max_tokens)

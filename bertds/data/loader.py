@@ -1,5 +1,6 @@
 """Prepared examples served for training: one rank's contiguous shard, fixed-shape micro-batches in a seeded
 order that resumes exactly, dynamic masks drawn per batch."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ __all__ = ["BatchSource", "PretrainingBatches", "rank_range", "table_columns"]
 def pin_memory() -> bool:
     """Page-locked batches, for a copy to an accelerator that overlaps compute."""
     from deepspeed.accelerator import get_accelerator
+
     return get_accelerator().device_name() != "cpu"
 
 
@@ -63,12 +65,15 @@ class BatchSource(Dataset):
         if self.masking is not None:
             index = np.asarray(indices, dtype=np.int64) + self.offset
             tokens = batch["tokens"].copy()
-            masks = mask_tokens(tokens, batch["segments"], batch["valid_len"], self.masking,
-                                HashedUniforms(self.seed, epoch, index))
+            masks = mask_tokens(
+                tokens, batch["segments"], batch["valid_len"], self.masking, HashedUniforms(self.seed, epoch, index)
+            )
             batch = {**batch, "tokens": tokens, **masks}
         # Integer columns as int64, as gathers and the NSP loss index with them.
-        return {k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
-                for k, v in batch.items()}
+        return {
+            k: torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind == "i" else v.dtype))
+            for k, v in batch.items()
+        }
 
 
 class PretrainingBatches:
@@ -78,13 +83,23 @@ class PretrainingBatches:
     dynamic masking (``masking``: ``PreparedData.masking``) the masks are
     drawn per batch from (seed, epoch, example index): also exact on resume."""
 
-    def __init__(self, examples: datasets.Dataset, micro_batch: int, rank: int, world_size: int,
-                 seed: int = 0, num_workers: int = 0, masking: MaskingSpec | None = None):
+    def __init__(
+        self,
+        examples: datasets.Dataset,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        masking: MaskingSpec | None = None,
+    ):
         share = rank_range(len(examples), rank, world_size)
         self.shard = examples.select(share).with_format("arrow")
         if len(self.shard) < micro_batch:
-            raise UserError(f"rank {rank} holds {len(self.shard)} examples, fewer than the micro batch "
-                            f"{micro_batch}; lower the batch size or use a larger corpus")
+            raise UserError(
+                f"rank {rank} holds {len(self.shard)} examples, fewer than the micro batch "
+                f"{micro_batch}; lower the batch size or use a larger corpus"
+            )
         self.masking = masking
         self.offset = share.start
         self.micro_batch, self.seed, self.num_workers = micro_batch, seed, num_workers
@@ -103,19 +118,24 @@ class PretrainingBatches:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.shard), generator=generator).tolist()
-        return [order[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.batches_per_epoch)]
+        return [order[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(self.batches_per_epoch)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         source = BatchSource(self.shard, self.offset, self.masking, self.seed)
         while True:
-            remaining = [(self.epoch, b) for b in self._epoch_batches(self.epoch)[self.batches_done:]]
+            remaining = [(self.epoch, b) for b in self._epoch_batches(self.epoch)[self.batches_done :]]
             # batch_size=None: each sampled index list is one already-stacked batch.
             # A private generator: creating an iterator must not draw from the global torch RNG (dropout's),
             # or a run resumed mid-epoch would see different dropout masks than one never interrupted.
-            loader = DataLoader(source, sampler=remaining, batch_size=None, num_workers=self.num_workers,
-                                pin_memory=pin_memory(),
-                                prefetch_factor=4 if self.num_workers else None,
-                                generator=torch.Generator().manual_seed(self.seed))
+            loader = DataLoader(
+                source,
+                sampler=remaining,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=pin_memory(),
+                prefetch_factor=4 if self.num_workers else None,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
             for batch in loader:
                 self.batches_done += 1
                 yield batch

@@ -5,6 +5,7 @@
   (RoBERTa). The masks are a pure function of those numbers, so a resumed run masks exactly as an uninterrupted one,
   whatever the worker count or the batch an example lands in.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,7 @@ import numpy as np
 
 MASK_RATE = 0.15  # of the tokens, as BERT and d2l
 MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1  # of the chosen positions; the remaining 10% stay unchanged
+
 
 @dataclass(frozen=True)
 class MaskingSpec:
@@ -142,8 +144,14 @@ def _ranked_positions(uniforms: Uniforms, special: np.ndarray, count: int) -> np
     return (ranked[:, :count] & dtype((1 << shift) - 1)).astype(np.int64)
 
 
-def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_len: np.ndarray, spec: MaskingSpec,
-                uniforms: Uniforms, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def mask_tokens(
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    valid_len: np.ndarray,
+    spec: MaskingSpec,
+    uniforms: Uniforms,
+    out: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Choose ``spec.mask_prob`` (15%) of the sequence's length (<cls> and <sep> counted, as d2l's and Google's
     ``len(tokens)``; at least one, at most ``max_predictions``) among its non-special positions; of those, 80%
     become the mask token, 10% a random token, 10% stay. ``tokens`` is modified in place; the prediction columns are
@@ -171,12 +179,18 @@ def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_len: np.ndarray,
     kind = uniforms.draw(1, (n, slots))
     span = spec.vocab_size - spec.first_random_id
     random_tokens = spec.first_random_id + np.minimum((uniforms.draw(2, (n, slots)) * span).astype(np.int64), span - 1)
-    replacement = np.where(kind < MASK_TOKEN_SHARE, spec.mask_id,
-                           np.where(kind < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE, random_tokens, labels))
+    replacement = np.where(
+        kind < MASK_TOKEN_SHARE,
+        spec.mask_id,
+        np.where(kind < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE, random_tokens, labels),
+    )
     tokens[rows, pred_positions] = np.where(is_pred, replacement, tokens[:, :1])  # unused slots: <cls> at 0
     if out is None:
-        out = {"pred_positions": np.empty((n, slots), np.int32), "mlm_labels": np.empty((n, slots), np.int32),
-               "mlm_weights": np.empty((n, slots), np.float32)}
+        out = {
+            "pred_positions": np.empty((n, slots), np.int32),
+            "mlm_labels": np.empty((n, slots), np.int32),
+            "mlm_weights": np.empty((n, slots), np.float32),
+        }
     out["pred_positions"][...] = pred_positions
     out["mlm_labels"][...] = labels
     out["mlm_weights"][...] = is_pred

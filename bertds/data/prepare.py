@@ -6,6 +6,7 @@ A directory is written to ``NAME.tmp-HOST-PID`` and renamed when complete, so an
 taken for a valid one; those of dead processes of this host are removed (a cache shared by several hosts keeps the
 others'). A damaged cache entry is prepared again, a damaged ``--prepared`` or ``--out`` directory refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,8 +87,11 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
         try:
             return Vocab.load(cached)
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
-            print(f"warning: cached tokenizer {cached} cannot be read ({str(e).splitlines()[0][:120]}); training "
-                  "it again", file=sys.stderr)
+            print(
+                f"warning: cached tokenizer {cached} cannot be read ({str(e).splitlines()[0][:120]}); training "
+                "it again",
+                file=sys.stderr,
+            )
             shutil.rmtree(cached, ignore_errors=True)
     unk = "[UNK]" if choice.spec == "wordpiece" else None
     vocab = build_vocab(choice.spec, corpus_texts(corpus, unk), choice.vocab_size, choice.min_freq)
@@ -109,31 +113,42 @@ def check_recipe(config: ExampleConfig, streaming: bool) -> None:
     if config.sentence_task not in ("nsp", "sop"):
         raise UserError(f"--sentence-task {config.sentence_task}: use nsp or sop")
     if config.recipe == "d2l" and (config.sentence_task != "nsp" or streaming or config.dupe_factor != 1):
-        raise UserError("--sentence-task sop, --streaming and --dupe-factor need --recipe bert (d2l pairs a "
-                        "sentence with a random sentence of the whole corpus, which needs it all in memory)")
+        raise UserError(
+            "--sentence-task sop, --streaming and --dupe-factor need --recipe bert (d2l pairs a "
+            "sentence with a random sentence of the whole corpus, which needs it all in memory)"
+        )
     if config.dynamic_masking and config.dupe_factor != 1:
-        raise UserError("--dupe-factor copies the corpus with different static masks; with --masking dynamic "
-                        "the masks change every epoch anyway, leave --dupe-factor at 1")
+        raise UserError(
+            "--dupe-factor copies the corpus with different static masks; with --masking dynamic "
+            "the masks change every epoch anyway, leave --dupe-factor at 1"
+        )
     if not 0 < config.mask_prob < 1:
         raise UserError(f"--mask-prob {config.mask_prob}: the share of tokens predicted must be between 0 and 1")
     if not MIN_MAX_LEN <= config.max_len <= MAX_MAX_LEN or config.max_predictions < 1:
-        raise UserError(f"--max-len {config.max_len} / --max-predictions {config.max_predictions}: max_len must "
-                        f"be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B <sep> with a token in each segment) "
-                        "and max_predictions at least 1")
+        raise UserError(
+            f"--max-len {config.max_len} / --max-predictions {config.max_predictions}: max_len must "
+            f"be in {MIN_MAX_LEN}..{MAX_MAX_LEN} (<cls> A <sep> B <sep> with a token in each segment) "
+            "and max_predictions at least 1"
+        )
 
 
-def d2l_columns(corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice, config: ExampleConfig,
-                cache_dir: Path | None) -> tuple[dict[str, np.ndarray], Vocab]:
+def d2l_columns(
+    corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice, config: ExampleConfig, cache_dir: Path | None
+) -> tuple[dict[str, np.ndarray], Vocab]:
     """d2l's recipe on the whole corpus in memory."""
     paragraphs = corpus_paragraphs(corpus)
     if vocab is None:
-        vocab = Vocab.from_word_counts(paragraphs.word_counts(), choice.min_freq) if choice.spec == "word" \
+        vocab = (
+            Vocab.from_word_counts(paragraphs.word_counts(), choice.min_freq)
+            if choice.spec == "word"
             else obtain_vocab(corpus, choice, cache_dir)
+        )
     return d2l_examples(paragraphs, vocab, config), vocab
 
 
-def document_windows(chunks: Iterable[TokenizedChunk], reach: int | None
-                     ) -> Iterator[tuple[list[TokenizedChunk], int, int]]:
+def document_windows(
+    chunks: Iterable[TokenizedChunk], reach: int | None
+) -> Iterator[tuple[list[TokenizedChunk], int, int]]:
     """(window, position of chunk k in it, k) for every chunk k: the window holds the chunks k - reach .. k + reach
     (all chunks when reach is None), so at most 2 * reach + 1 are in memory."""
     stream, window = iter(chunks), deque[TokenizedChunk]()
@@ -154,26 +169,38 @@ def document_windows(chunks: Iterable[TokenizedChunk], reach: int | None
             first += 1
 
 
-def bert_chunks(corpus: Corpus, vocab: Vocab, config: ExampleConfig, streaming: bool, rank: int = 0,
-                world_size: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def bert_chunks(
+    corpus: Corpus, vocab: Vocab, config: ExampleConfig, streaming: bool, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """Example columns chunk by chunk (DOCUMENTS_PER_CHUNK documents each); with world_size > 1 this rank's
     disjoint part of the documents (``split_dataset_by_node``). Random next segments come from all documents
     (read whole) or from the chunks within STREAMING_RANDOM_DOCUMENT_REACH (streaming)."""
     documents = corpus.documents(streaming=streaming)
     if world_size > 1:
         from datasets.distributed import split_dataset_by_node
+
         documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
     texts = (row["text"] for row in documents)
-    chunks = (chunk_sentences(chunk, vocab, corpus.wikitext, corpus.tokenized)
-              for chunk in iter(lambda: list(islice(texts, DOCUMENTS_PER_CHUNK)), []))
+    chunks = (
+        chunk_sentences(chunk, vocab, corpus.wikitext, corpus.tokenized)
+        for chunk in iter(lambda: list(islice(texts, DOCUMENTS_PER_CHUNK)), [])
+    )
     reach = STREAMING_RANDOM_DOCUMENT_REACH if streaming else None
     for window, position, index in document_windows(chunks, reach):
         yield bert_examples(DocumentPool(window), position, vocab, config, chunk_index=index)
 
 
-def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice: TokenizerChoice,
-                   config: ExampleConfig, streaming: bool, cache_dir: Path | None, rank: int = 0,
-                   world_size: int = 1) -> tuple[int, Vocab]:
+def write_examples(
+    directory: Path,
+    corpus: Corpus,
+    vocab: Vocab | None,
+    choice: TokenizerChoice,
+    config: ExampleConfig,
+    streaming: bool,
+    cache_dir: Path | None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[int, Vocab]:
     """This rank's examples as shards under ``directory/shards``; returns (examples written, vocab)."""
     check_recipe(config, streaming)
     shards = directory / SHARDS
@@ -189,21 +216,34 @@ def write_examples(directory: Path, corpus: Corpus, vocab: Vocab | None, choice:
 
 
 def recipe_of(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig) -> dict:
-    return {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "wikitext": corpus.wikitext,
-            "tokenized": corpus.tokenized, "split": corpus.split,
-            "tokenizer": choice.recipe(), **asdict(config)}
+    return {
+        "version": FORMAT_VERSION,
+        "corpus": corpus.fingerprint(),
+        "wikitext": corpus.wikitext,
+        "tokenized": corpus.tokenized,
+        "split": corpus.split,
+        "tokenizer": choice.recipe(),
+        **asdict(config),
+    }
 
 
-def finish(tmp: Path, path: Path, corpus: Corpus, vocab: Vocab, config: ExampleConfig, recipe: dict,
-           streaming: bool) -> None:
+def finish(
+    tmp: Path, path: Path, corpus: Corpus, vocab: Vocab, config: ExampleConfig, recipe: dict, streaming: bool
+) -> None:
     """Seals the shards in tmp (tokenizer, manifest) and renames tmp -> path (the directory becomes valid)."""
-    fields = {**recipe, "source": corpus.describe(), "streaming": streaming,
-              "masking": "dynamic" if config.dynamic_masking else "static"}
+    fields = {
+        **recipe,
+        "source": corpus.describe(),
+        "streaming": streaming,
+        "masking": "dynamic" if config.dynamic_masking else "static",
+    }
     if seal(tmp, vocab, fields) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{corpus.describe()} gave no pretraining example (no document with text, or no pair "
-                        f"fits in max_len {config.max_len}); use a larger corpus, raise --max-len or pass "
-                        "--truncate")
+        raise UserError(
+            f"{corpus.describe()} gave no pretraining example (no document with text, or no pair "
+            f"fits in max_len {config.max_len}); use a larger corpus, raise --max-len or pass "
+            "--truncate"
+        )
     if path.exists() and not (path / MANIFEST).is_file():
         shutil.rmtree(path)  # an incomplete directory (no manifest): never valid, safe to replace
     try:
@@ -265,13 +305,20 @@ def check_target(path: Path) -> None:
         return
     if path.exists() or path.is_symlink():
         kind = "a directory that is not prepared data" if path.is_dir() else "a file"
-        raise UserError(f"{path} is {kind}; nothing was written there: choose a new directory to write the "
-                        "prepared data to")
+        raise UserError(
+            f"{path} is {kind}; nothing was written there: choose a new directory to write the prepared data to"
+        )
 
 
-def prepare_directory(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path,
-                      streaming: bool = False, cache_dir: Path | None = None,
-                      rebuild_damaged: bool = False) -> PreparedData:
+def prepare_directory(
+    corpus: Corpus,
+    choice: TokenizerChoice,
+    config: ExampleConfig,
+    path: Path,
+    streaming: bool = False,
+    cache_dir: Path | None = None,
+    rebuild_damaged: bool = False,
+) -> PreparedData:
     """One process prepares ``corpus`` into ``path`` (reused if a complete one is already there)."""
     remove_stale_tmp(path.parent, "" if rebuild_damaged else path.name)
     found = reusable(path, rebuild_damaged)
@@ -300,9 +347,15 @@ def cache_path(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, c
 
 # --- entry points ------------------------------------------------------------------------------------------------
 
-def build_examples(corpus: Corpus, config: ExampleConfig, min_freq: int = 5, tokenizer: str = "word",
-                   vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
-                   streaming: bool = False) -> tuple[datasets.Dataset, Vocab]:
+
+def build_examples(
+    corpus: Corpus,
+    config: ExampleConfig,
+    min_freq: int = 5,
+    tokenizer: str = "word",
+    vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
+    streaming: bool = False,
+) -> tuple[datasets.Dataset, Vocab]:
     """Corpus -> vocabulary -> token ids -> examples, all in memory (no cache)."""
     choice = TokenizerChoice(tokenizer, vocab_size, min_freq)
     check_recipe(config, streaming)
@@ -313,46 +366,69 @@ def build_examples(corpus: Corpus, config: ExampleConfig, min_freq: int = 5, tok
         vocab = obtain_vocab(corpus, choice, None)
         parts = list(bert_chunks(corpus, vocab, config, streaming))
     if sum(len(part["tokens"]) for part in parts) == 0:
-        raise UserError(f"no sentence pair of {corpus.describe()} fits in max_len {config.max_len}; "
-                        "raise --max-len or pass --truncate")
+        raise UserError(
+            f"no sentence pair of {corpus.describe()} fits in max_len {config.max_len}; "
+            "raise --max-len or pass --truncate"
+        )
     columns = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return in_memory_dataset(columns, config), vocab
 
 
-def prepare_pretraining_data(corpus: Corpus, config: ExampleConfig, cache_dir: str | Path | None = None,
-                             min_freq: int = 5, tokenizer: str = "word", vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
-                             streaming: bool = False) -> PreparedData:
+def prepare_pretraining_data(
+    corpus: Corpus,
+    config: ExampleConfig,
+    cache_dir: str | Path | None = None,
+    min_freq: int = 5,
+    tokenizer: str = "word",
+    vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
+    streaming: bool = False,
+) -> PreparedData:
     """The examples from the cache when present (and intact), else prepared into it (one process)."""
     choice = TokenizerChoice(tokenizer, vocab_size, min_freq)
     cache = Path(cache_dir or default_cache_dir())
-    return prepare_directory(corpus, choice, config, cache_path(corpus, choice, config, cache), streaming, cache,
-                             rebuild_damaged=True)
+    return prepare_directory(
+        corpus, choice, config, cache_path(corpus, choice, config, cache), streaming, cache, rebuild_damaged=True
+    )
 
 
 def example_config(config: DataConfig) -> ExampleConfig:
     # --sentence-task none trains without the sentence loss on the same examples as nsp.
     sentence_task = "nsp" if config.sentence_task == "none" else config.sentence_task
-    return ExampleConfig(max_len=config.max_len, seed=config.seed, truncate=config.truncate, recipe=config.recipe,
-                         sentence_task=sentence_task, short_seq_prob=config.short_seq_prob,
-                         max_predictions_per_seq=config.max_predictions, whole_word_masking=config.whole_word_masking,
-                         dynamic_masking=config.masking == "dynamic", dupe_factor=config.dupe_factor,
-                         mask_prob=config.mask_prob)
+    return ExampleConfig(
+        max_len=config.max_len,
+        seed=config.seed,
+        truncate=config.truncate,
+        recipe=config.recipe,
+        sentence_task=sentence_task,
+        short_seq_prob=config.short_seq_prob,
+        max_predictions_per_seq=config.max_predictions,
+        whole_word_masking=config.whole_word_masking,
+        dynamic_masking=config.masking == "dynamic",
+        dupe_factor=config.dupe_factor,
+        mask_prob=config.mask_prob,
+    )
 
 
 def check_prepared_matches(data: PreparedData, config: DataConfig) -> None:
     """A prepared directory fixes the tokenizer and max_len; flags asking for others are refused."""
     manifest = data.manifest or {}
     if manifest.get("max_len") != config.max_len:
-        raise UserError(f"--prepared {data.path} holds max_len {manifest.get('max_len')} examples, not --max-len "
-                        f"{config.max_len}; pass --max-len {manifest.get('max_len')} or prepare the data again")
+        raise UserError(
+            f"--prepared {data.path} holds max_len {manifest.get('max_len')} examples, not --max-len "
+            f"{config.max_len}; pass --max-len {manifest.get('max_len')} or prepare the data again"
+        )
     if config.tokenizer not in ("word", "wordpiece"):
         wanted = Vocab.from_file(config.tokenizer)
         if wanted.fingerprint() != data.vocab.fingerprint():
-            raise UserError(f"--prepared {data.path} was tokenized with another tokenizer than --tokenizer "
-                            f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
+            raise UserError(
+                f"--prepared {data.path} was tokenized with another tokenizer than --tokenizer "
+                f"{config.tokenizer}; drop --tokenizer or prepare the data with it"
+            )
     elif config.tokenizer != "word" and manifest.get("tokenizer", {}).get("kind") != config.tokenizer:
-        raise UserError(f"--prepared {data.path} was tokenized with {manifest.get('tokenizer')}, not --tokenizer "
-                        f"{config.tokenizer}; drop --tokenizer or prepare the data with it")
+        raise UserError(
+            f"--prepared {data.path} was tokenized with {manifest.get('tokenizer')}, not --tokenizer "
+            f"{config.tokenizer}; drop --tokenizer or prepare the data with it"
+        )
 
 
 def on_rank0(work: Callable[[], T], rank: int) -> T:
@@ -377,8 +453,9 @@ def on_rank0(work: Callable[[], T], rank: int) -> T:
     return result  # type: ignore[return-value]  # rank 0's result: set, or an error was raised
 
 
-def prepare_ranks(corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path, cache: Path,
-                  rank: int, world_size: int) -> bool:
+def prepare_ranks(
+    corpus: Corpus, choice: TokenizerChoice, config: ExampleConfig, path: Path, cache: Path, rank: int, world_size: int
+) -> bool:
     """Every rank prepares its disjoint part (world_size-th of the documents) of a streamed corpus into one
     directory; True when it was prepared now, False when a complete one was there."""
     import torch.distributed as dist
@@ -427,8 +504,9 @@ def prepare_for_training(config: DataConfig, rank: int) -> PreparedData:
     prepared: list[PreparedData] = []
 
     def build() -> bool:
-        prepared.append(prepare_directory(corpus, choice, examples, path, config.streaming, cache,
-                                          rebuild_damaged=True))
+        prepared.append(
+            prepare_directory(corpus, choice, examples, path, config.streaming, cache, rebuild_damaged=True)
+        )
         return not prepared[0].from_cache
 
     built = on_rank0(build, rank)

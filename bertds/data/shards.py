@@ -1,6 +1,7 @@
 """The prepared-directory format: ``manifest.json`` (recipe, example counts, the size and SHA-256 of every shard, and
 a checksum of the manifest itself), ``tokenizer.json`` and ``shards/*.arrow`` (Arrow stream files). Written by
 ``prepare.py``; read back, verified against the manifest, as memory-mapped ``datasets.Dataset`` rows."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,13 +50,21 @@ class PreparedData:
 
 def example_features(config: ExampleConfig) -> datasets.Features:
     import datasets
+
     seq = datasets.Sequence(datasets.Value("int32"), length=config.max_len)
-    features = {"tokens": seq, "segments": datasets.Sequence(datasets.Value("int8"), length=config.max_len),
-                "valid_len": datasets.Value("int32"), "nsp_label": datasets.Value("int8")}
+    features = {
+        "tokens": seq,
+        "segments": datasets.Sequence(datasets.Value("int8"), length=config.max_len),
+        "valid_len": datasets.Value("int32"),
+        "nsp_label": datasets.Value("int8"),
+    }
     if not config.dynamic_masking:
         preds = datasets.Sequence(datasets.Value("int32"), length=config.max_predictions)
-        features.update(pred_positions=preds, mlm_labels=preds,
-                        mlm_weights=datasets.Sequence(datasets.Value("float32"), length=config.max_predictions))
+        features.update(
+            pred_positions=preds,
+            mlm_labels=preds,
+            mlm_weights=datasets.Sequence(datasets.Value("float32"), length=config.max_predictions),
+        )
     return datasets.Features(features)
 
 
@@ -75,8 +84,10 @@ def in_memory_dataset(columns: dict[str, np.ndarray], config: ExampleConfig) -> 
     from datasets.fingerprint import generate_random_fingerprint
 
     # A random fingerprint, as datasets gives in-memory results: its default hashes every byte of the table.
-    return datasets.Dataset(datasets.table.InMemoryTable(to_table(columns, example_features(config))),
-                            fingerprint=generate_random_fingerprint())
+    return datasets.Dataset(
+        datasets.table.InMemoryTable(to_table(columns, example_features(config))),
+        fingerprint=generate_random_fingerprint(),
+    )
 
 
 def write_shards(directory: Path, prefix: str, columns: dict[str, np.ndarray], config: ExampleConfig) -> int:
@@ -84,9 +95,11 @@ def write_shards(directory: Path, prefix: str, columns: dict[str, np.ndarray], c
     features = example_features(config)
     total = len(columns["tokens"])
     for part, begin in enumerate(range(0, total, ROWS_PER_SHARD)):
-        table = to_table({k: v[begin:begin + ROWS_PER_SHARD] for k, v in columns.items()}, features)
-        with pa.OSFile(str(directory / f"{prefix}-{part:03d}.arrow"), "wb") as sink, \
-                pa.ipc.new_stream(sink, table.schema) as writer:
+        table = to_table({k: v[begin : begin + ROWS_PER_SHARD] for k, v in columns.items()}, features)
+        with (
+            pa.OSFile(str(directory / f"{prefix}-{part:03d}.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
             writer.write_table(table)
     return total
 
@@ -110,10 +123,16 @@ def seal(directory: Path, vocab: Vocab, fields: dict) -> int:
     files = sorted((directory / SHARDS).glob("*.arrow"))
     counts = {f.name: pa.ipc.open_stream(pa.memory_map(str(f))).read_all().num_rows for f in files}
     vocab.save(directory)
-    manifest = {"version": FORMAT_VERSION, **fields, "num_examples": sum(counts.values()), "shards": counts,
-                "shard_bytes": {f.name: f.stat().st_size for f in files},
-                "shard_sha256": {f.name: file_sha256(f) for f in files},
-                "tokenizer_info": describe_vocab(vocab), "vocab_size": len(vocab)}
+    manifest = {
+        "version": FORMAT_VERSION,
+        **fields,
+        "num_examples": sum(counts.values()),
+        "shards": counts,
+        "shard_bytes": {f.name: f.stat().st_size for f in files},
+        "shard_sha256": {f.name: file_sha256(f) for f in files},
+        "tokenizer_info": describe_vocab(vocab),
+        "vocab_size": len(vocab),
+    }
     manifest["checksum"] = manifest_checksum(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest["num_examples"]
@@ -126,16 +145,19 @@ def read_manifest(path: Path) -> dict:
     """The manifest of a prepared directory, refused when it is missing, unreadable, of another format version or
     edited after preparation."""
     if not (path / MANIFEST).is_file():
-        raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); write one with "
-                        "launcher/prepare_data.py")
+        raise UserError(
+            f"{path} is not a prepared data directory (no {MANIFEST}); write one with launcher/prepare_data.py"
+        )
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DamagedData(path, f"{MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path} was prepared by another bertds version (format "
-                        f"{manifest.get('version') if isinstance(manifest, dict) else None}, now {FORMAT_VERSION}); "
-                        "prepare it again")
+        raise UserError(
+            f"{path} was prepared by another bertds version (format "
+            f"{manifest.get('version') if isinstance(manifest, dict) else None}, now {FORMAT_VERSION}); "
+            "prepare it again"
+        )
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise DamagedData(path, f"{MANIFEST} was changed after preparation (its checksum differs)")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
@@ -151,8 +173,10 @@ def verify_shard(path: Path, name: str, manifest: dict) -> None:
         raise DamagedData(path, f"shard {SHARDS}/{name} is missing")
     size, expected = shard.stat().st_size, manifest["shard_bytes"].get(name)
     if size != expected:
-        raise DamagedData(path, f"shard {SHARDS}/{name} has {size} bytes, not the {expected} it was written with "
-                                "(truncated or replaced)")
+        raise DamagedData(
+            path,
+            f"shard {SHARDS}/{name} has {size} bytes, not the {expected} it was written with (truncated or replaced)",
+        )
     if file_sha256(shard) != manifest["shard_sha256"].get(name):
         raise DamagedData(path, f"shard {SHARDS}/{name} does not match its SHA-256 checksum (corrupt)")
 
@@ -161,8 +185,11 @@ def check_shape(path: Path, examples: datasets.Dataset, manifest: dict) -> None:
     """The rows are those the manifest describes: its example count and max_len (the shards' real shape)."""
     width = examples.features["tokens"].length
     if len(examples) != manifest["num_examples"] or width != manifest["max_len"]:
-        raise DamagedData(path, f"the shards hold {len(examples)} examples of {width} tokens, the manifest says "
-                                f"{manifest['num_examples']} of {manifest['max_len']}")
+        raise DamagedData(
+            path,
+            f"the shards hold {len(examples)} examples of {width} tokens, the manifest says "
+            f"{manifest['num_examples']} of {manifest['max_len']}",
+        )
 
 
 def load_vocab(path: Path, manifest: dict) -> Vocab:

@@ -9,6 +9,7 @@ Three kinds (``--tokenizer``):
   ``[MASK]`` 103);
 - a path: an existing BERT ``vocab.txt`` (cased when it holds capitalised words) or a ``tokenizer.json``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,15 +58,21 @@ class Vocab:
             raise UserError(f"tokenizer lacks the special tokens {missing}; build it with bertds")
         found = cast(dict[str, int], ids)  # every role has an id (checked above)
         self.unk_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = (
-            found["unk"], found["pad"], found["mask"], found["cls"], found["sep"])
+            found["unk"],
+            found["pad"],
+            found["mask"],
+            found["cls"],
+            found["sep"],
+        )
         self.special_ids = sorted(found.values())
 
     @classmethod
     def train_word_level(cls, sentences: Iterable[str], min_freq: int = 5) -> Vocab:
         # Counted here rather than with tokenizers' WordLevelTrainer: that trainer gives a corpus word equal to
         # a special token (WikiText is full of "<unk>") a second id and leaves a hole at the special's id.
-        return cls.from_word_counts(Counter(word for sentence in sentences for word in sentence.lower().split()),
-                                    min_freq)
+        return cls.from_word_counts(
+            Counter(word for sentence in sentences for word in sentence.lower().split()), min_freq
+        )
 
     @classmethod
     def from_word_counts(cls, counts: dict[str, int], min_freq: int = 5) -> Vocab:
@@ -80,20 +87,26 @@ class Vocab:
         return cls(tokenizer, D2L_SPECIAL_TOKENS)
 
     @classmethod
-    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = DEFAULT_WORDPIECE_VOCAB,
-                        lowercase: bool = True) -> Vocab:
+    def train_wordpiece(
+        cls, texts: Iterable[str], vocab_size: int = DEFAULT_WORDPIECE_VOCAB, lowercase: bool = True
+    ) -> Vocab:
         """WordPiece trained on ``texts`` with BERT's normaliser and pre-tokenizer; exactly ``vocab_size`` tokens
         unless the corpus is too small to make that many (then a UserError says so)."""
         if vocab_size <= len(BERT_RESERVED):
-            raise UserError(f"--vocab-size {vocab_size} leaves no room beside BERT's {len(BERT_RESERVED)} "
-                            "reserved tokens; use e.g. 30522")
+            raise UserError(
+                f"--vocab-size {vocab_size} leaves no room beside BERT's {len(BERT_RESERVED)} "
+                "reserved tokens; use e.g. 30522"
+            )
         wordpiece = BertWordPieceTokenizer(lowercase=lowercase)
-        wordpiece.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=2,
-                                      special_tokens=[*BERT_RESERVED], show_progress=False)
+        wordpiece.train_from_iterator(
+            iter(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[*BERT_RESERVED], show_progress=False
+        )
         vocab = cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
         if len(vocab) != vocab_size:
-            raise UserError(f"the corpus only supports a WordPiece vocabulary of {len(vocab)} tokens, not "
-                            f"--vocab-size {vocab_size}; lower --vocab-size or use a larger corpus")
+            raise UserError(
+                f"the corpus only supports a WordPiece vocabulary of {len(vocab)} tokens, not "
+                f"--vocab-size {vocab_size}; lower --vocab-size or use a larger corpus"
+            )
         return vocab
 
     @classmethod
@@ -101,24 +114,32 @@ class Vocab:
         """A BERT ``vocab.txt`` (one token per line, id = line number) or a ``tokenizer.json``."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"tokenizer file {path} does not exist; pass --tokenizer word, wordpiece, a BERT "
-                            "vocab.txt or a tokenizer.json")
+            raise UserError(
+                f"tokenizer file {path} does not exist; pass --tokenizer word, wordpiece, a BERT "
+                "vocab.txt or a tokenizer.json"
+            )
         if path.suffix == ".json":
             try:
                 tokenizer = Tokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                raise UserError(f"{path} is not a tokenizers tokenizer.json ({str(e)[:120]}); pass a file written "
-                                "by bertds or Hugging Face, or a BERT vocab.txt") from None
+                raise UserError(
+                    f"{path} is not a tokenizers tokenizer.json ({str(e)[:120]}); pass a file written "
+                    "by bertds or Hugging Face, or a BERT vocab.txt"
+                ) from None
             pre_tokenizer = (json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}).get("type")
             if pre_tokenizer not in WHITESPACE_PRE_TOKENIZERS:
-                raise UserError(f"{path}: bertds tokenizes word by word, which needs a pre-tokenizer that splits on "
-                                f"whitespace ({', '.join(WHITESPACE_PRE_TOKENIZERS)}), not {pre_tokenizer}; use a "
-                                "BERT-style (WordPiece) tokenizer")
+                raise UserError(
+                    f"{path}: bertds tokenizes word by word, which needs a pre-tokenizer that splits on "
+                    f"whitespace ({', '.join(WHITESPACE_PRE_TOKENIZERS)}), not {pre_tokenizer}; use a "
+                    "BERT-style (WordPiece) tokenizer"
+                )
             return cls(tokenizer)
         tokens = path.read_text(encoding="utf-8", errors="replace").splitlines()
         if path.suffix != ".txt" or not all(t in tokens for t in BERT_SPECIAL_TOKENS.values()):
-            raise UserError(f"{path} is not a BERT vocab.txt (one token per line with [PAD] [UNK] [CLS] [SEP] "
-                            "[MASK]) nor a tokenizer.json; pass one of those, or --tokenizer word/wordpiece")
+            raise UserError(
+                f"{path} is not a BERT vocab.txt (one token per line with [PAD] [UNK] [CLS] [SEP] "
+                "[MASK]) nor a tokenizer.json; pass one of those, or --tokenizer word/wordpiece"
+            )
         cased = any(t[:1].isupper() for t in tokens if not t.startswith("["))
         wordpiece = BertWordPieceTokenizer(str(path), lowercase=not cased, strip_accents=not cased)
         return cls(wordpiece._tokenizer, BERT_SPECIAL_TOKENS)
@@ -202,8 +223,7 @@ def tokenizer_recipe(spec: str, vocab_size: int, min_freq: int) -> dict:
         return {"kind": "wordpiece", "vocab_size": vocab_size}
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"--tokenizer {spec}: no such file; pass word, wordpiece, a BERT vocab.txt or a "
-                        "tokenizer.json")
+        raise UserError(f"--tokenizer {spec}: no such file; pass word, wordpiece, a BERT vocab.txt or a tokenizer.json")
     return {"kind": "file", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
@@ -220,5 +240,9 @@ def build_vocab(spec: str, texts: Iterator[str], vocab_size: int, min_freq: int)
 
 
 def describe_vocab(vocab: Vocab) -> dict:
-    return {"fingerprint": vocab.fingerprint(), "size": len(vocab), "special_tokens": vocab.special_tokens,
-            "model": json.loads(vocab.tokenizer.to_str())["model"]["type"]}
+    return {
+        "fingerprint": vocab.fingerprint(),
+        "size": len(vocab),
+        "special_tokens": vocab.special_tokens,
+        "model": json.loads(vocab.tokenizer.to_str())["model"]["type"],
+    }

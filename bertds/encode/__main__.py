@@ -6,6 +6,7 @@
 ``python -m bertds.export``). Only the result goes to stdout; warnings and logs go to stderr. A text longer than the
 model's positions is truncated (longest first, as Hugging Face's ``truncation=True``) with a ``warning:`` line.
 """
+
 import argparse
 import json
 import sys
@@ -21,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", help="the (first) text")
     parser.add_argument("--pair", help="a second text: encodes <cls> text <sep> pair <sep> with segments 0/1")
-    parser.add_argument("--checkpoint", required=True,
-                        help="finished run directory, DeepSpeed checkpoint or Hugging Face BERT directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="finished run directory, DeepSpeed checkpoint or Hugging Face BERT directory",
+    )
     parser.add_argument("--json", action="store_true", help="print tokens, segments and all vectors as JSON")
     args = parser.parse_args(argv)
     return run_cli(lambda: show(args))
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def show(args: argparse.Namespace) -> None:
     from bertds.export import load_any
+
     model, vocab = load_any(args.checkpoint)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncatedInput)
@@ -39,8 +44,11 @@ def show(args: argparse.Namespace) -> None:
     encoded = encode_ids(model, ids, segments)[0]
     tokens = [str(vocab.tokenizer.id_to_token(i)) for i in ids]  # every id is the vocabulary's
     if args.json:
-        print(json.dumps({"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape],
-                          "vectors": encoded.tolist()}))
+        print(
+            json.dumps(
+                {"tokens": tokens, "segments": segments, "shape": [1, *encoded.shape], "vectors": encoded.tolist()}
+            )
+        )
         return
     print(f"tokens: {' '.join(tokens)}")
     print(f"shape: {tuple([1, *encoded.shape])}")

@@ -8,6 +8,7 @@ the manifest lists every file, so an interrupted save never becomes ``latest``; 
 removes its partial directory on every rank and leaves ``latest`` as it was. bertds' own per-rank state holds only
 tensors and numbers, so it loads with the weights-only unpickler.
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,9 +49,17 @@ def rank_file(rank: int) -> str:
 def capture_rng() -> dict:
     """Every RNG stream as tensors and numbers (numpy's Mersenne Twister keys become an int64 tensor)."""
     kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())  # the legacy tuple, the default
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     if get_accelerator().device_name() != "cpu":
         state["accelerator"] = get_accelerator().get_rng_state()
     return state
@@ -59,8 +68,15 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "accelerator" in state:
         get_accelerator().set_rng_state(state["accelerator"])
@@ -68,11 +84,15 @@ def restore_rng(state: dict) -> None:
 
 def batch_layout(engine) -> dict:
     """What a resumed run must share with the saved one for the data position to mean the same examples."""
-    return {"world_size": dist.get_world_size(), "train_batch_size": engine.train_batch_size(),
-            "micro_batch": engine.train_micro_batch_size_per_gpu()}
+    return {
+        "world_size": dist.get_world_size(),
+        "train_batch_size": engine.train_batch_size(),
+        "micro_batch": engine.train_micro_batch_size_per_gpu(),
+    }
 
 
 # --- finding checkpoints ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Found:
@@ -86,8 +106,11 @@ class Found:
 
 
 def is_checkpoint(directory: Path) -> bool:
-    return directory.is_dir() and ((directory / manifest.MANIFEST).is_file() or (directory / rank_file(0)).is_file()
-                                   or any(directory.glob(MODEL_STATES)))
+    return directory.is_dir() and (
+        (directory / manifest.MANIFEST).is_file()
+        or (directory / rank_file(0)).is_file()
+        or any(directory.glob(MODEL_STATES))
+    )
 
 
 def _step(directory: Path) -> int:
@@ -165,11 +188,16 @@ def first_verified(found: Found, trust: bool = False, require_manifest: bool = T
         if found.explicit:
             others = [c for c in (locate(found.root) or found).candidates if c != candidate]
             complete = [str(c) for c in others if verify(c, trust, require_manifest) is None]
-            hint = (f"complete checkpoints: {', '.join(complete)}" if complete
-                    else f"there is no other complete checkpoint in {found.root}")
+            hint = (
+                f"complete checkpoints: {', '.join(complete)}"
+                if complete
+                else f"there is no other complete checkpoint in {found.root}"
+            )
             raise UserError(f"checkpoint {candidate} cannot be used: {problem}; {hint}")
-    raise UserError(f"no complete checkpoint in {found.root}: {'; '.join(passed_over)}; restore the damaged files, "
-                    "or start a new run")
+    raise UserError(
+        f"no complete checkpoint in {found.root}: {'; '.join(passed_over)}; restore the damaged files, "
+        "or start a new run"
+    )
 
 
 def warn(message: str) -> None:
@@ -186,8 +214,9 @@ def verified(found: Found, trust: bool = False, require_manifest: bool = True, u
     return checkpoint
 
 
-def find_checkpoint(output_dir: Path, resume: str | None, max_len: int | None = None,
-                    trust: bool = False) -> Path | None:
+def find_checkpoint(
+    output_dir: Path, resume: str | None, max_len: int | None = None, trust: bool = False
+) -> Path | None:
     """The checkpoint directory to resume from, verified against its manifest on every rank: ``auto`` -> the one
     ``latest`` names in output_dir, else the newest that verifies (saying why; None if there is none yet); a path ->
     that checkpoint directory, or the latest one of a directory of them. Collective: every rank must call it right
@@ -198,8 +227,10 @@ def find_checkpoint(output_dir: Path, resume: str | None, max_len: int | None = 
     if found is None:
         if resume == "auto":
             return None
-        raise UserError(f"--resume {resume} is not a bertds checkpoint (no {manifest.MANIFEST}, {rank_file(0)} or "
-                        f"'{LATEST}' file); pass --resume auto or a directory under OUTPUT/checkpoints/")
+        raise UserError(
+            f"--resume {resume} is not a bertds checkpoint (no {manifest.MANIFEST}, {rank_file(0)} or "
+            f"'{LATEST}' file); pass --resume auto or a directory under OUTPUT/checkpoints/"
+        )
     try:
         checkpoint = verified(found, trust, use="resuming from")
     except UserError as e:
@@ -213,26 +244,35 @@ def find_checkpoint(output_dir: Path, resume: str | None, max_len: int | None = 
 
 # --- what a checkpoint must match ------------------------------------------------------------------------------
 
+
 def check_max_len(checkpoint: Path, max_len: int | None) -> None:
-    saved = json.loads((checkpoint / RUN_FILE).read_text()).get("max_len") if (checkpoint / RUN_FILE).is_file() \
-        else None
+    saved = (
+        json.loads((checkpoint / RUN_FILE).read_text()).get("max_len") if (checkpoint / RUN_FILE).is_file() else None
+    )
     if max_len is not None and saved is not None and saved != max_len:
-        raise UserError(f"checkpoint {checkpoint} was written with --max-len {saved} (now {max_len}); resume with "
-                        f"--max-len {saved}, or train at {max_len} in a new --output-dir")
+        raise UserError(
+            f"checkpoint {checkpoint} was written with --max-len {saved} (now {max_len}); resume with "
+            f"--max-len {saved}, or train at {max_len} in a new --output-dir"
+        )
 
 
 def check_compatible(checkpoint: Path, model_config: BertConfig, vocab: Vocab) -> None:
     """Raises a UserError unless the checkpoint was written for this model config and vocabulary."""
     if Vocab.load(checkpoint).fingerprint() != vocab.fingerprint():
-        raise UserError(f"checkpoint {checkpoint} was written with a different vocabulary than the data of this "
-                        "run; resume with the same corpus and tokenizer or use a new --output-dir")
+        raise UserError(
+            f"checkpoint {checkpoint} was written with a different vocabulary than the data of this "
+            "run; resume with the same corpus and tokenizer or use a new --output-dir"
+        )
     saved = BertConfig.load(checkpoint / "config.json")
-    differences = {k: (v, getattr(model_config, k)) for k, v in saved.to_dict().items()
-                   if getattr(model_config, k) != v}
+    differences = {
+        k: (v, getattr(model_config, k)) for k, v in saved.to_dict().items() if getattr(model_config, k) != v
+    }
     if differences:
         described = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differences.items())
-        raise UserError(f"checkpoint {checkpoint} was written for another model config ({described}); "
-                        "resume with the same --model/--dropout flags or use a new --output-dir")
+        raise UserError(
+            f"checkpoint {checkpoint} was written for another model config ({described}); "
+            "resume with the same --model/--dropout flags or use a new --output-dir"
+        )
 
 
 def check_batch_layout(checkpoint: Path, engine) -> None:
@@ -242,11 +282,14 @@ def check_batch_layout(checkpoint: Path, engine) -> None:
     now = batch_layout(engine)
     differences = [f"{k} {saved[k]} (now {v})" for k, v in now.items() if saved[k] != v]
     if differences:
-        raise UserError(f"checkpoint {checkpoint} was written with {', '.join(differences)}; resume with the same "
-                        "number of ranks and batch sizes, or start a new run with --init-from")
+        raise UserError(
+            f"checkpoint {checkpoint} was written with {', '.join(differences)}; resume with the same "
+            "number of ranks and batch sizes, or start a new run with --init-from"
+        )
 
 
 # --- saving and loading ----------------------------------------------------------------------------------------
+
 
 def _size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
@@ -268,11 +311,16 @@ def _save_failure(error: Exception, directory: Path) -> str:
     free = shutil.disk_usage(root).free
     if getattr(error, "errno", None) == errno.ENOSPC or free < FULL_DISK_BYTES:
         previous = manifest.read(root / latest) if latest else None
-        needed = (f"about {sum(e['size'] for e in previous['files'].values()) / MB:.1f} MB (the size of {latest})"
-                  if isinstance(previous, dict) else f"more than the {_size(directory) / MB:.1f} MB it had written")
-        return (f"no space left on device while saving checkpoint {directory}: it needs {needed}, "
-                f"{free / MB:.1f} MB are free on {root}; the partial checkpoint was removed and {kept}; free space "
-                "or move --output-dir, then rerun with --resume auto")
+        needed = (
+            f"about {sum(e['size'] for e in previous['files'].values()) / MB:.1f} MB (the size of {latest})"
+            if isinstance(previous, dict)
+            else f"more than the {_size(directory) / MB:.1f} MB it had written"
+        )
+        return (
+            f"no space left on device while saving checkpoint {directory}: it needs {needed}, "
+            f"{free / MB:.1f} MB are free on {root}; the partial checkpoint was removed and {kept}; free space "
+            "or move --output-dir, then rerun with --resume auto"
+        )
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     return f"could not write checkpoint {directory} ({detail}); the partial checkpoint was removed and {kept}"
 
@@ -285,8 +333,9 @@ def _give_up(failure: str, directory: Path) -> UserError:
     return UserError(failure)
 
 
-def _write_rank_files(directory: Path, step: int, rank_state: dict, vocab: Vocab, model_config: BertConfig,
-                      run_record: dict) -> None:
+def _write_rank_files(
+    directory: Path, step: int, rank_state: dict, vocab: Vocab, model_config: BertConfig, run_record: dict
+) -> None:
     torch.save({**rank_state, "rng": capture_rng()}, directory / rank_file(dist.get_rank()))
     if dist.get_rank() == 0:
         vocab.save(directory)
@@ -301,9 +350,17 @@ def _commit(root: Path, directory: Path, files: dict[str, dict], step: int, keep
     _prune(root, keep_last, keep=directory.name)
 
 
-def save_training_checkpoint(engine, output_dir: Path, step: int, client_state: dict, rank_state: dict,
-                             vocab: Vocab, model_config: BertConfig, keep_last: int,
-                             max_len: int | None = None) -> Path:
+def save_training_checkpoint(
+    engine,
+    output_dir: Path,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    vocab: Vocab,
+    model_config: BertConfig,
+    keep_last: int,
+    max_len: int | None = None,
+) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory. ``rank_state``: tensors and numbers
     only. A failed write (a full disk) on any rank is a UserError on every rank, after the partial directory is
     removed."""
@@ -312,20 +369,23 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, client_state: 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank == 0 and directory.exists():  # an uncommitted or damaged save of this step, from before a resume
         shutil.rmtree(directory)
-    error = _attempt(lambda: engine.save_checkpoint(str(root), tag=directory.name, client_state=client_state,
-                                                    save_latest=False))
+    error = _attempt(
+        lambda: engine.save_checkpoint(str(root), tag=directory.name, client_state=client_state, save_latest=False)
+    )
     if error is not None:
         dist.barrier()  # the peers wait in the barrier that ends engine.save_checkpoint
     run_record = {**batch_layout(engine), "max_len": max_len}
-    error = error or _attempt(lambda: _write_rank_files(directory, step, rank_state, vocab, model_config,
-                                                        run_record))
+    error = error or _attempt(lambda: _write_rank_files(directory, step, rank_state, vocab, model_config, run_record))
     failure = agreed(_save_failure(error, directory) if error else None)
     if failure:
         raise _give_up(failure, directory)
     files: list[dict] = [{}] * world_size
     dist.all_gather_object(files, manifest.describe_share(directory, (rank, world_size)))
-    error = _attempt(lambda: _commit(root, directory, {k: v for f in files for k, v in f.items()}, step,
-                                     keep_last)) if rank == 0 else None
+    error = (
+        _attempt(lambda: _commit(root, directory, {k: v for f in files for k, v in f.items()}, step, keep_last))
+        if rank == 0
+        else None
+    )
     failure = agreed(_save_failure(error, directory) if error else None)
     if failure:
         raise _give_up(failure, directory)
@@ -345,8 +405,9 @@ def load_training_checkpoint(engine, checkpoint: Path, trust: bool = False) -> t
     checked that they need nothing beyond tensors and DeepSpeed's data classes (unless ``trust``)."""
     path, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if path is None:
-        raise UserError(f"DeepSpeed could not load checkpoint {checkpoint}; it is incomplete or from another "
-                        "engine configuration")
+        raise UserError(
+            f"DeepSpeed could not load checkpoint {checkpoint}; it is incomplete or from another engine configuration"
+        )
     rank_state = safe_load.load(checkpoint / rank_file(dist.get_rank()), trust=trust)
     restore_rng(rank_state["rng"])
     return client_state, rank_state

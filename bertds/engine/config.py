@@ -1,4 +1,5 @@
 """DeepSpeed JSON configs: reading them with clear errors, and the batch-size arithmetic."""
+
 from __future__ import annotations
 
 import difflib
@@ -15,8 +16,9 @@ def load_ds_config(path: str | Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                        "fix the file") from None
+        raise UserError(
+            f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the file"
+        ) from None
     if not isinstance(config, dict):
         raise UserError(f"DeepSpeed config {path} must hold a JSON object; fix the file")
     validate_ds_config(config, path)
@@ -32,7 +34,8 @@ def with_lr(ds_config: dict, lr: float | None) -> dict:
 
 
 # Top-level sections and keys DeepSpeed reads (runtime/config.py and the feature configs it delegates to).
-DEEPSPEED_KEYS = frozenset("""
+DEEPSPEED_KEYS = frozenset(
+    """
     train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print dump_state
     optimizer scheduler fp16 bf16 bfloat16 amp torch_autocast data_types communication_data_type
     seq_parallel_communication_data_type gradient_clipping prescale_gradients gradient_predivide_factor
@@ -44,7 +47,8 @@ DEEPSPEED_KEYS = frozenset("""
     hybrid_engine compile timers weight_quantization tensor_parallel expert_parallel
     use_data_before_expert_parallelism disable_python_gc log_level lower_precision_safe_modules
     managed_gradient_accumulation legacy_fusion graph_harvesting vocabulary_size
-""".split())
+""".split()
+)
 
 
 def validate_ds_config(config: dict, path: str | Path) -> None:
@@ -60,13 +64,15 @@ def validate_ds_config(config: dict, path: str | Path) -> None:
     if "zero_optimization" in config:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         from pydantic import ValidationError
+
         try:
             DeepSpeedZeroConfig(**config["zero_optimization"])
         except (ValidationError, TypeError) as e:
             first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
             where = ".".join(str(part) for part in first["loc"])
-            raise UserError(f"DeepSpeed config {path}: zero_optimization.{where}: {first['msg']}; fix the file") \
-                from None
+            raise UserError(
+                f"DeepSpeed config {path}: zero_optimization.{where}: {first['msg']}; fix the file"
+            ) from None
 
 
 def _optimizer_names() -> dict[str, str]:
@@ -74,8 +80,14 @@ def _optimizer_names() -> dict[str, str]:
     case) and, as DeepSpeed falls back to them, torch.optim's classes."""
     import torch
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-    names = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"}
+
+    names = {
+        n.lower(): n
+        for n in dir(torch.optim)
+        if isinstance(getattr(torch.optim, n), type)
+        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+        and n != "Optimizer"
+    }
     return {**names, **{n: names.get(n, n) for n in DEEPSPEED_OPTIMIZERS}}
 
 
@@ -83,6 +95,7 @@ def _scheduler_names() -> dict[str, str]:
     """As ``_optimizer_names`` for ``"scheduler"``: DeepSpeed's schedules, torch's, and bertds' PolyWarmup."""
     import torch
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
     names = [n for n in dir(torch.optim.lr_scheduler) if isinstance(getattr(torch.optim.lr_scheduler, n), type)]
     return {n.lower(): n for n in [*VALID_LR_SCHEDULES, *names, "PolyWarmup"]}
 
@@ -113,24 +126,32 @@ def resolve_batch_sizes(ds_config: dict, world_size: int, batch_size: int | None
     accum = config.get("gradient_accumulation_steps")
     if total is None:
         if micro is None:
-            raise UserError("the DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu; "
-                            "set one of them or pass --batch-size")
+            raise UserError(
+                "the DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu; "
+                "set one of them or pass --batch-size"
+            )
         total = micro * (accum or 1) * world_size
     elif micro is None:
         accum = accum or 1
         if total % (accum * world_size):
-            raise UserError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} "
-                            f"× world size {world_size}; choose a batch size that is a multiple of "
-                            f"{accum * world_size}")
+            raise UserError(
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} "
+                f"× world size {world_size}; choose a batch size that is a multiple of "
+                f"{accum * world_size}"
+            )
         micro = total // (accum * world_size)
     elif accum is None:
         if total % (micro * world_size):
-            raise UserError(f"train_batch_size {total} is not divisible by micro batch {micro} × world size "
-                            f"{world_size}; choose a batch size that is a multiple of {micro * world_size}")
+            raise UserError(
+                f"train_batch_size {total} is not divisible by micro batch {micro} × world size "
+                f"{world_size}; choose a batch size that is a multiple of {micro * world_size}"
+            )
         accum = total // (micro * world_size)
     accum = accum or 1
     if micro * accum * world_size != total:
-        raise UserError(f"train_batch_size {total} != micro batch {micro} × gradient accumulation {accum} × "
-                        f"world size {world_size} = {micro * accum * world_size}; fix the DeepSpeed config")
+        raise UserError(
+            f"train_batch_size {total} != micro batch {micro} × gradient accumulation {accum} × "
+            f"world size {world_size} = {micro * accum * world_size}; fix the DeepSpeed config"
+        )
     config.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     return config

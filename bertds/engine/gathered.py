@@ -1,4 +1,5 @@
 """What every rank takes part in so that rank 0 can report or save it: the devices of all ranks, the full weights."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

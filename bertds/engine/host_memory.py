@@ -5,6 +5,7 @@ step's large activations (the padded query/key/value grid, the MLM loss chunks) 
 fault in and zero again, on every step; smaller blocks go the same way until glibc's dynamic threshold has grown,
 which slows the first steps of a run. Serving all blocks from the heap and never trimming it makes the steps, once
 the first ones have grown the heap to their peak, reuse the same pages (a steady footprint of that peak)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -23,4 +24,4 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):  # not glibc (musl has no mallopt)
         return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -5,6 +5,7 @@ its torch files can be read without running code.
 The checking work is split: every rank looks at every file's presence and size (a ``stat``), and hashes and scans
 its own share of the files (``share = (rank, world_size)``), so a checkpoint is read about once in all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ def describe_share(directory: Path, share: tuple[int, int]) -> dict[str, dict]:
 
 def write(directory: Path, files: dict[str, dict], **record) -> None:
     """Writes ``manifest.json`` (atomically: a reader sees no manifest or a whole one)."""
-    write_atomically(directory / MANIFEST,
-                     json.dumps({"format": FORMAT, **record, "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    write_atomically(
+        directory / MANIFEST,
+        json.dumps({"format": FORMAT, **record, "files": dict(sorted(files.items()))}, indent=1) + "\n",
+    )
 
 
 def read(directory: Path) -> dict | str:
@@ -74,8 +77,9 @@ def damage(directory: Path, share: tuple[int, int] = (0, 1), required: bool = Tr
         if not path.is_file():
             return f"{name} is missing (its {MANIFEST} lists it)"
         if path.stat().st_size != entry["size"]:
-            return (f"{name} is truncated or overwritten ({path.stat().st_size} bytes, its {MANIFEST} says "
-                    f"{entry['size']})")
+            return (
+                f"{name} is truncated or overwritten ({path.stat().st_size} bytes, its {MANIFEST} says {entry['size']})"
+            )
     for name in shared(sorted(files), share):
         if describe(directory / name)["sha256"] != files[name]["sha256"]:
             return f"{name} is corrupt (its SHA-256 differs from the one in {MANIFEST})"

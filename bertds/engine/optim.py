@@ -8,6 +8,7 @@
 - Weight decay: ``parameter_groups`` puts biases and LayerNorm weights in a group without decay (Google's and
   NVIDIA's BERT), for whatever optimizer the JSON names.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,11 +27,26 @@ class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2019) with DeepSpeed FusedLamb's semantics: Adam direction plus decoupled weight decay,
     scaled per tensor by the trust ratio ||w|| / ||update|| clamped to [min_coeff, max_coeff]."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, bias_correction: bool = True, max_coeff: float = 10.0,
-                 min_coeff: float = 0.01):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        max_coeff: float = 10.0,
+        min_coeff: float = 0.01,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_coeff=max_coeff,
+            min_coeff=min_coeff,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -59,8 +75,9 @@ class Lamb(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     update = update + group["weight_decay"] * p.float()
                 weight_norm, update_norm = p.float().norm(), update.norm()
-                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
-                                    torch.ones_like(weight_norm)).clamp(group["min_coeff"], group["max_coeff"])
+                trust = torch.where(
+                    (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, torch.ones_like(weight_norm)
+                ).clamp(group["min_coeff"], group["max_coeff"])
                 p.add_((update * trust * -group["lr"]).to(p.dtype))
         return loss
 
@@ -69,8 +86,12 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     """Parameters for ``deepspeed.initialize``: a group with the optimizer's weight decay and one with
     ``weight_decay`` 0 holding every bias and LayerNorm weight (as Google's BERT excludes "bias" and "LayerNorm";
     like nanoGPT's ``configure_optimizers``). A tied weight appears once. Empty groups are left out."""
-    no_decay_ids = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm)
-                    for p in module.parameters(recurse=False)}
+    no_decay_ids = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, nn.LayerNorm)
+        for p in module.parameters(recurse=False)
+    }
     no_decay_ids |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     params = [p for p in model.parameters() if p.requires_grad]  # named_parameters/parameters yield a tied one once
     decay = [p for p in params if id(p) not in no_decay_ids]
@@ -117,7 +138,8 @@ def adapt_optimization(ds_config: dict, max_steps: int):
             total = schedule.get("total_num_steps", max_steps)
             power = schedule.get("power", 0.5)
             scheduler_factory = functools.partial(
-                LambdaLR, lr_lambda=lambda step: poly_warmup_factor(step, warmup, total, power))
+                LambdaLR, lr_lambda=lambda step: poly_warmup_factor(step, warmup, total, power)
+            )
         elif scheduler.get("type") == "WarmupDecayLR":
             schedule.setdefault("total_num_steps", max_steps)
         if scheduler.get("type") in ("WarmupLR", "WarmupDecayLR") and optimizer is not None:
@@ -125,6 +147,8 @@ def adapt_optimization(ds_config: dict, max_steps: int):
             if lr is not None:
                 schedule.setdefault("warmup_max_lr", lr)
     if config.get("fp16", {}).get("enabled") and not get_accelerator().is_fp16_supported():
-        raise UserError(f"fp16 is not supported on this {get_accelerator().device_name()} accelerator; "
-                        "use a bf16 or fp32 DeepSpeed config (e.g. ds_configs/tiny_cpu.json)")
+        raise UserError(
+            f"fp16 is not supported on this {get_accelerator().device_name()} accelerator; "
+            "use a bf16 or fp32 DeepSpeed config (e.g. ds_configs/tiny_cpu.json)"
+        )
     return config, optimizer_factory, scheduler_factory

@@ -4,6 +4,7 @@ that started this rank is gone, the ranks finish the step, save a checkpoint and
 A rank must never outlive its peers because of this: the handlers are installed only once the process group is
 complete (before that a signal ends the rank as usual), and a rank that does not reach the end of its step within
 ``stop_timeout`` seconds of a signal (blocked in a collective whose peers are gone) exits without a checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -38,11 +39,19 @@ def launcher_processes() -> list[psutil.Process]:
 def _warn_launcher_gone(pid: int) -> None:
     if os.environ.get("LOCAL_RANK", "0") != "0":  # once per machine
         return
-    hint = "" if os.environ.get(STATUS_ENV) else (
-        "; nothing waits for this checkpoint (a signalled deepspeed command ends at once): start runs as "
-        "`python -m bertds.supervise -- deepspeed ...` (or torchrun), which exits 75 once every rank has saved")
-    print(f"warning: the launcher process {pid} is gone: saving a checkpoint and stopping{hint}", file=sys.stderr,
-          flush=True)
+    hint = (
+        ""
+        if os.environ.get(STATUS_ENV)
+        else (
+            "; nothing waits for this checkpoint (a signalled deepspeed command ends at once): start runs as "
+            "`python -m bertds.supervise -- deepspeed ...` (or torchrun), which exits 75 once every rank has saved"
+        )
+    )
+    print(
+        f"warning: the launcher process {pid} is gone: saving a checkpoint and stopping{hint}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class PreemptionWatcher:
@@ -84,9 +93,13 @@ class PreemptionWatcher:
                 continue
             if self._stepping_ended.wait(self._stop_timeout):
                 return
-            print(f"error: {signal.Signals(stops[0]).name} received but this rank's step did not end within "
-                  f"--stop-timeout {self._stop_timeout:g} s (a peer rank is gone or stuck); exiting without a "
-                  "checkpoint, resume from the last one", file=sys.stderr, flush=True)
+            print(
+                f"error: {signal.Signals(stops[0]).name} received but this rank's step did not end within "
+                f"--stop-timeout {self._stop_timeout:g} s (a peer rank is gone or stuck); exiting without a "
+                "checkpoint, resume from the last one",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(128 + stops[0])
 
     def _launcher_gone(self) -> bool:

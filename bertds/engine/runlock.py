@@ -3,6 +3,7 @@
 The lock is a ``flock`` on ``OUTPUT/.bertds.lock``, so the kernel releases it when the holder dies however it dies;
 the file also records the holder (pid, host, start time, command) for the refusal message, and a record left by a
 holder that did not release it cleanly is reported as stale when the next run takes the lock."""
+
 from __future__ import annotations
 
 import contextlib
@@ -54,30 +55,36 @@ class RunLock:
 
     def acquire(self) -> None:
         if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise UserError(f"--output-dir {self.output_dir} is a file, not a directory; choose another "
-                            "--output-dir")
+            raise UserError(f"--output-dir {self.output_dir} is a file, not a directory; choose another --output-dir")
         self.created = not self.output_dir.exists()
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"--output-dir {self.output_dir} cannot be written ({e.strerror}); choose a writable "
-                            "--output-dir") from None
+            raise UserError(
+                f"--output-dir {self.output_dir} cannot be written ({e.strerror}); choose a writable --output-dir"
+            ) from None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise UserError(f"--output-dir {self.output_dir} is in use by another run ({_describe(holder)}); "
-                                "wait for it to end or choose another --output-dir") from None
+                raise UserError(
+                    f"--output-dir {self.output_dir} is in use by another run ({_describe(holder)}); "
+                    "wait for it to end or choose another --output-dir"
+                ) from None
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the previous holder removed the file between our open and flock: take the new one
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self.stale = _read_holder(fd) or None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                  "command": " ".join(sys.argv)}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self.fd = fd

@@ -1,4 +1,5 @@
 """One micro-step through a DeepSpeed engine (shared by training and benchmarks)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ class GradientNorm:
 
     def __init__(self, engine):
         self.engine = engine
-        self.measured = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled()
-                                                                        or engine.fp16_enabled())
+        self.measured = engine.zero_optimization_stage() == 0 and not (
+            engine.bfloat16_enabled() or engine.fp16_enabled()
+        )
         self.value: torch.Tensor | None = None
 
     def measure(self) -> None:
@@ -30,8 +32,9 @@ class GradientNorm:
         return None if value is None else float(value)
 
 
-def micro_step(engine, batch: dict[str, torch.Tensor], fused: bool = True,
-               grad_norm: GradientNorm | None = None) -> BertForPreTrainingOutput:
+def micro_step(
+    engine, batch: dict[str, torch.Tensor], fused: bool = True, grad_norm: GradientNorm | None = None
+) -> BertForPreTrainingOutput:
     """Forward, backward and ``engine.step()`` (which steps the optimizer only at accumulation boundaries).
     Returns the model's output; its statistics are read without synchronising with the device. ``grad_norm``:
     where DeepSpeed does not measure the gradient norm, it is measured into this before the optimizer step.

@@ -1,4 +1,5 @@
 """Metrics: console lines, ``metrics.jsonl``, Weights & Biases (rank 0 only) and the final ``loss.png``."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,16 @@ class Tracker:
     """Does nothing on ranks other than 0. ``resume_step`` keeps the metrics of steps up to it (a resumed run
     continues the file and the wandb run; lines a killed run logged after its last checkpoint are dropped)."""
 
-    def __init__(self, output_dir: Path, rank: int, run_config: dict, use_wandb: bool, project: str,
-                 run_name: str | None, resume_step: int = 0):
+    def __init__(
+        self,
+        output_dir: Path,
+        rank: int,
+        run_config: dict,
+        use_wandb: bool,
+        project: str,
+        run_name: str | None,
+        resume_step: int = 0,
+    ):
         self.output_dir, self.active = Path(output_dir), rank == 0
         self.wandb_run = None
         if not self.active:
@@ -47,11 +56,19 @@ class Tracker:
         write_atomically(self.output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
         if use_wandb:
             import wandb
+
             id_file = self.output_dir / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.wandb_run = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
-                                        dir=str(self.output_dir), config=run_config, mode=_wandb_mode())
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.output_dir),
+                config=run_config,
+                mode=_wandb_mode(),
+            )
 
     def log(self, record: dict, wandb_prefix: str = "", unlogged: tuple[str, ...] = ("step",)) -> None:
         """A metrics.jsonl line, and the record's other keys (``wandb_prefix`` + key) to wandb."""
@@ -60,8 +77,10 @@ class Tracker:
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({wandb_prefix + k: v for k, v in record.items() if k not in unlogged and v is not None},
-                               step=record["step"])
+            self.wandb_run.log(
+                {wandb_prefix + k: v for k, v in record.items() if k not in unlogged and v is not None},
+                step=record["step"],
+            )
 
     def log_eval(self, record: dict) -> None:
         """A held-out evaluation (``record["split"]``): a metrics.jsonl line, wandb keys ``eval/...``."""
@@ -87,8 +106,10 @@ def plot_losses(output_dir: Path) -> Path | None:
     if not metrics:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps = [m["step"] for m in metrics]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(steps, [m["mlm_loss"] for m in metrics], label="mlm")

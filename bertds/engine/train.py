@@ -1,6 +1,7 @@
 """Pretraining with a DeepSpeed engine. ``train`` reads top to bottom: checks that need no process group (flags,
 DeepSpeed JSON, the run lock, the master port), the process group, the checkpoint to resume, data, model, engine,
 then ``Pretraining.loop``: steps, log lines, evaluations and checkpoints."""
+
 from __future__ import annotations
 
 import contextlib
@@ -68,9 +69,15 @@ class MetricSums:
         mlm = out.mlm_loss.detach()
         nsp = out.nsp_loss.detach() if out.nsp_loss is not None else torch.zeros_like(mlm)
         finite = torch.isfinite(mlm) & torch.isfinite(nsp)
-        named = {"mlm_loss": torch.where(finite, mlm, 0.0), "nsp_loss": torch.where(finite, nsp, 0.0),
-                 "micro_batches": torch.ones_like(mlm), "tokens": batch["valid_len"].sum(),
-                 "mlm_correct": out.mlm_correct, "mlm_count": out.mlm_count, "nonfinite": ~finite}
+        named = {
+            "mlm_loss": torch.where(finite, mlm, 0.0),
+            "nsp_loss": torch.where(finite, nsp, 0.0),
+            "micro_batches": torch.ones_like(mlm),
+            "tokens": batch["valid_len"].sum(),
+            "mlm_correct": out.mlm_correct,
+            "mlm_count": out.mlm_count,
+            "nonfinite": ~finite,
+        }
         self.values += torch.stack([named[name].float() for name in self.NAMES])
 
     def all_reduce(self) -> dict[str, float]:
@@ -102,13 +109,13 @@ class LogWindow:
 
 # --- checks before the process group ----------------------------------------------------------------------------
 
+
 def build_ds_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed JSON, checked, with ``--lr`` applied; the model's positions checked against ``--max-len``."""
     ds_config = with_lr(load_ds_config(cfg.deepspeed_config), cfg.lr)
     max_positions = get_config(cfg.model).max_position_embeddings
     if cfg.data.max_len > max_positions:
-        raise UserError(f"--max-len {cfg.data.max_len} exceeds the model's {max_positions} positions; "
-                        "lower --max-len")
+        raise UserError(f"--max-len {cfg.data.max_len} exceeds the model's {max_positions} positions; lower --max-len")
     return ds_config
 
 
@@ -123,8 +130,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
         return
     found = [m for m in RUN_MARKERS if (output_dir / m).exists()]
     if found:
-        raise UserError(f"--output-dir {output_dir} holds another run ({', '.join(found)}); pass --resume auto to "
-                        "continue it, --overwrite to replace it, or choose another --output-dir")
+        raise UserError(
+            f"--output-dir {output_dir} holds another run ({', '.join(found)}); pass --resume auto to "
+            "continue it, --overwrite to replace it, or choose another --output-dir"
+        )
 
 
 def remove_previous_run(output_dir: Path) -> None:
@@ -139,24 +148,36 @@ def remove_previous_run(output_dir: Path) -> None:
 
 # --- set-up ---------------------------------------------------------------------------------------------------
 
+
 def build_model(cfg: TrainConfig, vocab) -> BertForPreTraining:
     """The model of ``--model``; or the weights of a finished bertds run (``--init-from``, same architecture) or of
     a Hugging Face BERT directory (``--init-from-hf``, whose config then defines the architecture)."""
     if cfg.init_from_hf:
         from bertds.hf import check_same_vocabulary, load_hf_pretrained
+
         model, hf_vocab = load_hf_pretrained(cfg.init_from_hf)
         check_same_vocabulary(vocab, hf_vocab, cfg.init_from_hf)
         model.train()
     else:
-        model = BertForPreTraining(get_config(
-            cfg.model, dropout=cfg.dropout, attention_dropout=cfg.dropout, tie_word_embeddings=not cfg.untie_embeddings,
-            vocab_size=len(vocab), pad_token_id=vocab.pad_id, pre_layernorm=cfg.pre_ln,
-            sentence_loss=cfg.data.sentence_task != "none"))
+        model = BertForPreTraining(
+            get_config(
+                cfg.model,
+                dropout=cfg.dropout,
+                attention_dropout=cfg.dropout,
+                tie_word_embeddings=not cfg.untie_embeddings,
+                vocab_size=len(vocab),
+                pad_token_id=vocab.pad_id,
+                pre_layernorm=cfg.pre_ln,
+                sentence_loss=cfg.data.sentence_task != "none",
+            )
+        )
     if cfg.init_from:
         source, source_vocab = load_pretrained(cfg.init_from)
         if source_vocab.fingerprint() != vocab.fingerprint() or source.config.hidden_size != model.config.hidden_size:
-            raise UserError(f"--init-from {cfg.init_from} has another vocabulary or model size than this run; "
-                            "use the same corpus, tokenizer and --model as the run it comes from")
+            raise UserError(
+                f"--init-from {cfg.init_from} has another vocabulary or model size than this run; "
+                "use the same corpus, tokenizer and --model as the run it comes from"
+            )
         model.load_state_dict(source.state_dict())
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     return model
@@ -165,8 +186,13 @@ def build_model(cfg: TrainConfig, vocab) -> BertForPreTraining:
 def build_engine(cfg: TrainConfig, model: BertForPreTraining, optimization: tuple):
     """``optimization``: what ``adapt_optimization`` returned (config, client optimizer, client scheduler)."""
     engine_config, client_optimizer, client_scheduler = optimization
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=engine_config,
-                                           optimizer=client_optimizer, lr_scheduler=client_scheduler)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model),
+        config=engine_config,
+        optimizer=client_optimizer,
+        lr_scheduler=client_scheduler,
+    )
     if cfg.compile:
         engine.compile()
     return engine
@@ -178,20 +204,25 @@ def build_tracker(cfg: TrainConfig, ds_config: dict, rank: int, resume_step: int
         if cfg.overwrite:
             remove_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-    return Tracker(output_dir, rank, {"train": asdict(cfg), "deepspeed": ds_config}, cfg.wandb, cfg.wandb_project,
-                   cfg.wandb_run_name, resume_step=resume_step)
+    return Tracker(
+        output_dir,
+        rank,
+        {"train": asdict(cfg), "deepspeed": ds_config},
+        cfg.wandb,
+        cfg.wandb_project,
+        cfg.wandb_run_name,
+        resume_step=resume_step,
+    )
 
 
 def build_evaluation(cfg: TrainConfig, data, engine, device, rank: int, world_size: int) -> HeldOutEvaluation | None:
     heldout = heldout_examples(cfg.data, data, cfg.eval, rank)
     if heldout is None:
         return None
-    return HeldOutEvaluation(heldout, cfg.eval.split, engine.train_micro_batch_size_per_gpu(), device, rank,
-                             world_size)
+    return HeldOutEvaluation(heldout, cfg.eval.split, engine.train_micro_batch_size_per_gpu(), device, rank, world_size)
 
 
-def restore(checkpoint: Path, engine, batches: PretrainingBatches, device,
-            trust: bool) -> tuple[RunState, MetricSums]:
+def restore(checkpoint: Path, engine, batches: PretrainingBatches, device, trust: bool) -> tuple[RunState, MetricSums]:
     """Engine, data position, RNG streams and the unlogged metric sums of a checkpoint."""
     check_batch_layout(checkpoint, engine)
     client_state, rank_state = load_training_checkpoint(engine, checkpoint, trust)
@@ -200,6 +231,7 @@ def restore(checkpoint: Path, engine, batches: PretrainingBatches, device,
 
 
 # --- the run --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Pretraining:
@@ -226,8 +258,13 @@ class Pretraining:
         if self.device.type == "cpu":
             keep_freed_memory()  # the activations live in host memory: steps reuse it instead of faulting it in
         stream = iter(self.batches)
-        progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not self.tracker.active, desc="pretraining",
-                        file=sys.stdout)
+        progress = tqdm(
+            total=cfg.max_steps,
+            initial=state.step,
+            disable=not self.tracker.active,
+            desc="pretraining",
+            file=sys.stdout,
+        )
         window = LogWindow(skipped_before=self.engine.skipped_steps)
         while state.step < cfg.max_steps:
             self.step(stream, window)
@@ -266,13 +303,16 @@ class Pretraining:
         sums = self.sums.all_reduce()
         self.sums.zero_()
         skipped = engine.skipped_steps - window.skipped_before
-        expected_nonfinite = skipped * engine.gradient_accumulation_steps() * self.world_size \
-            if engine.fp16_enabled() else 0
+        expected_nonfinite = (
+            skipped * engine.gradient_accumulation_steps() * self.world_size if engine.fp16_enabled() else 0
+        )
         if sums["nonfinite"] > expected_nonfinite:
-            raise TrainingDiverged(f"the loss became NaN/inf at step {state.step} (in the last {self.cfg.log_interval}"
-                                   f" steps); the last good checkpoint is kept in "
-                                   f"{Path(self.cfg.output_dir) / CHECKPOINTS}. Lower --lr, add warmup or gradient "
-                                   "clipping, then --resume auto")
+            raise TrainingDiverged(
+                f"the loss became NaN/inf at step {state.step} (in the last {self.cfg.log_interval}"
+                f" steps); the last good checkpoint is kept in "
+                f"{Path(self.cfg.output_dir) / CHECKPOINTS}. Lower --lr, add warmup or gradient "
+                "clipping, then --resume auto"
+            )
         state.totals = {name: state.totals[name] + value for name, value in sums.items()}
         record = self.record(sums, elapsed, window.data_wait)
         self.tracker.log(record)
@@ -281,7 +321,8 @@ class Pretraining:
             f"step {state.step:>6}/{self.cfg.max_steps} | mlm {record['mlm_loss']:.3f} | nsp {record['nsp_loss']:.3f}"
             f" | mlm acc {record['mlm_accuracy']:.3f} | lr {record['lr']:.2e} | {record['pairs_per_s']:.1f}"
             f" pairs/s | {record['tokens_per_s']:.0f} tokens/s | data wait {record['data_wait_pct']:.1f}%"
-            + (f" | scale {record['loss_scale']:.0f} skipped {record['skipped_steps']}" if scaled else ""))
+            + (f" | scale {record['loss_scale']:.0f} skipped {record['skipped_steps']}" if scaled else "")
+        )
 
     def record(self, sums: dict[str, float], elapsed: float, data_wait: float) -> dict:
         engine = self.engine
@@ -290,11 +331,15 @@ class Pretraining:
         scale = getattr(engine.optimizer, "loss_scale", None) if engine.fp16_enabled() else None
         return {
             "step": self.state.step,
-            "mlm_loss": sums["mlm_loss"] / finite_batches, "nsp_loss": sums["nsp_loss"] / finite_batches,
-            "mlm_accuracy": sums["mlm_correct"] / max(sums["mlm_count"], 1), "lr": engine.get_lr()[0],
-            "loss_scale": float(scale) if scale is not None else None, "skipped_steps": engine.skipped_steps,
+            "mlm_loss": sums["mlm_loss"] / finite_batches,
+            "nsp_loss": sums["nsp_loss"] / finite_batches,
+            "mlm_accuracy": sums["mlm_correct"] / max(sums["mlm_count"], 1),
+            "lr": engine.get_lr()[0],
+            "loss_scale": float(scale) if scale is not None else None,
+            "skipped_steps": engine.skipped_steps,
             "grad_norm": self.grad_norm.get(),
-            "pairs_per_s": steps * engine.train_batch_size() / elapsed, "tokens_per_s": sums["tokens"] / elapsed,
+            "pairs_per_s": steps * engine.train_batch_size() / elapsed,
+            "tokens_per_s": sums["tokens"] / elapsed,
             "data_wait_pct": 100 * data_wait / elapsed,
         }
 
@@ -304,33 +349,47 @@ class Pretraining:
             return 0.0
         metrics = self.evaluation(self.engine, self.model_config.sentence_loss)
         self.tracker.log_eval({"step": self.state.step, **metrics, "train_seconds": self.state.elapsed})
-        self.tracker.print(f"eval step {self.state.step} | {describe(metrics, metrics['split'])} | "
-                           f"{metrics['eval_seconds']:.1f} s")
+        self.tracker.print(
+            f"eval step {self.state.step} | {describe(metrics, metrics['split'])} | {metrics['eval_seconds']:.1f} s"
+        )
         return metrics["eval_seconds"]
 
     def save(self) -> None:
         client_state = {"run_state": asdict(self.state), "world_size": self.world_size}
         rank_state = {"data": self.batches.state_dict(), "window": self.sums.values.cpu()}
-        path = save_training_checkpoint(self.engine, Path(self.cfg.output_dir), self.state.step, client_state,
-                                        rank_state, self.vocab, self.model_config, self.cfg.keep_last,
-                                        self.cfg.data.max_len)
+        path = save_training_checkpoint(
+            self.engine,
+            Path(self.cfg.output_dir),
+            self.state.step,
+            client_state,
+            rank_state,
+            self.vocab,
+            self.model_config,
+            self.cfg.keep_last,
+            self.cfg.data.max_len,
+        )
         self.tracker.print(f"checkpoint: {path}")
 
     def finish(self) -> dict:
         """The run's summary, the full fp32 weights (gathered, also under ZeRO-3) and train_config.json."""
         totals, engine, output_dir = self.state.totals, self.engine, Path(self.cfg.output_dir)
         devices = all_devices(self.device)
-        result = {"mlm_loss": totals["mlm_loss"] / totals["micro_batches"],
-                  "nsp_loss": totals["nsp_loss"] / totals["micro_batches"], "steps": self.state.step,
-                  "pairs_per_s": self.state.step * engine.train_batch_size() / self.state.elapsed, "devices": devices,
-                  "eval": self.evaluation.last if self.evaluation else None}
+        result = {
+            "mlm_loss": totals["mlm_loss"] / totals["micro_batches"],
+            "nsp_loss": totals["nsp_loss"] / totals["micro_batches"],
+            "steps": self.state.step,
+            "pairs_per_s": self.state.step * engine.train_batch_size() / self.state.elapsed,
+            "devices": devices,
+            "eval": self.evaluation.last if self.evaluation else None,
+        }
         self.tracker.print(f"MLM loss {result['mlm_loss']:.3f}, NSP loss {result['nsp_loss']:.3f}")
         self.tracker.print(f"{result['pairs_per_s']:.1f} sentence pairs/sec on [{', '.join(devices)}]")
 
         def write(state_dict: dict[str, torch.Tensor]) -> None:
             save_pretrained(state_dict, self.model_config, self.vocab, output_dir)
-            (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(
-                {"train": asdict(self.cfg), "deepspeed": self.ds_config, "result": result}, indent=2) + "\n")
+            (output_dir / RUN_CONFIG_FILE).write_text(
+                json.dumps({"train": asdict(self.cfg), "deepspeed": self.ds_config, "result": result}, indent=2) + "\n"
+            )
 
         write_full_weights(engine, write)
         self.tracker.print(f"saved model, config and vocabulary to {output_dir}")
@@ -357,30 +416,57 @@ def train(cfg: TrainConfig) -> RunState:
             check_compatible(checkpoint, model.config, data.vocab)
         engine = build_engine(cfg, model, optimization)
         device = torch.device(get_accelerator().current_device_name())
-        batches = PretrainingBatches(data.examples, engine.train_micro_batch_size_per_gpu(), rank, world_size,
-                                     seed=cfg.data.seed, num_workers=cfg.data.num_workers, masking=data.masking)
-        state, sums = (restore(checkpoint, engine, batches, device, cfg.trust_checkpoint) if checkpoint
-                       else (RunState(), MetricSums(device)))
+        batches = PretrainingBatches(
+            data.examples,
+            engine.train_micro_batch_size_per_gpu(),
+            rank,
+            world_size,
+            seed=cfg.data.seed,
+            num_workers=cfg.data.num_workers,
+            masking=data.masking,
+        )
+        state, sums = (
+            restore(checkpoint, engine, batches, device, cfg.trust_checkpoint)
+            if checkpoint
+            else (RunState(), MetricSums(device))
+        )
         if state.step >= cfg.max_steps:
             if rank == 0:
-                print(f"{checkpoint} is already at step {state.step} of --max-steps {cfg.max_steps}; nothing to do "
-                      "(raise --max-steps to train further)")
+                print(
+                    f"{checkpoint} is already at step {state.step} of --max-steps {cfg.max_steps}; nothing to do "
+                    "(raise --max-steps to train further)"
+                )
             return state
 
         tracker = build_tracker(cfg, ds_config, rank, resume_step=state.step)
         if lock is not None and lock.stale_message():
             tracker.print(lock.stale_message())
-        tracker.print(f"data: {len(data.examples)} sentence pairs, vocabulary {len(data.vocab)}, "
-                      f"{'cached' if data.from_cache else 'prepared'} at {data.path}")
-        tracker.print(f"model: {cfg.model}, {num_parameters(model) / 1e6:.1f}M parameters; world size {world_size}, "
-                      f"micro batch {engine.train_micro_batch_size_per_gpu()}, accumulation "
-                      f"{engine.gradient_accumulation_steps()}"
-                      + (f"; resumed from {checkpoint}" if checkpoint else ""))
+        tracker.print(
+            f"data: {len(data.examples)} sentence pairs, vocabulary {len(data.vocab)}, "
+            f"{'cached' if data.from_cache else 'prepared'} at {data.path}"
+        )
+        tracker.print(
+            f"model: {cfg.model}, {num_parameters(model) / 1e6:.1f}M parameters; world size {world_size}, "
+            f"micro batch {engine.train_micro_batch_size_per_gpu()}, accumulation "
+            f"{engine.gradient_accumulation_steps()}" + (f"; resumed from {checkpoint}" if checkpoint else "")
+        )
         evaluation = build_evaluation(cfg, data, engine, device, rank, world_size)
         if evaluation is None:
             tracker.print(f"eval: no held-out text ('{cfg.eval.split}' split of the corpus); pass --eval-corpus")
-        run = Pretraining(cfg, ds_config, engine, model.config, data.vocab, batches, tracker, evaluation, device,
-                          world_size, state, sums)
+        run = Pretraining(
+            cfg,
+            ds_config,
+            engine,
+            model.config,
+            data.vocab,
+            batches,
+            tracker,
+            evaluation,
+            device,
+            world_size,
+            state,
+            sums,
+        )
 
         watcher = PreemptionWatcher(cfg.stop_timeout)
         try:

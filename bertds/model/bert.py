@@ -1,4 +1,5 @@
 """BERT for pretraining: embeddings -> encoder -> (MLM head on masked positions, NSP head on the pooler)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, cast
@@ -41,8 +42,9 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor,
-                unpad: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, segments: torch.Tensor, valid_lens: torch.Tensor, unpad: bool | None = None
+    ) -> torch.Tensor:
         """(batch, seq_len, hidden) encodings; zeros at the padding when ``unpad``. Default: unpadded when training
         on CPU (the padding is a quarter of WikiText-2's tokens); accelerators and torch.compile keep static
         shapes, and inference keeps the padded positions' values, as Hugging Face's BERT computes them."""
@@ -79,10 +81,17 @@ class BertForPreTraining(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.bert.encoder.activation_checkpointing = enabled
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor, valid_len: torch.Tensor,
-                pred_positions: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
-                mlm_weights: torch.Tensor | None = None, nsp_label: torch.Tensor | None = None,
-                return_logits: bool = False) -> BertForPreTrainingOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        segments: torch.Tensor,
+        valid_len: torch.Tensor,
+        pred_positions: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        mlm_weights: torch.Tensor | None = None,
+        nsp_label: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> BertForPreTrainingOutput:
         """Takes a batch's columns by name (``model(**batch)``). The MLM loss is d2l's weighted mean
         cross-entropy sum(w · CE) / (sum(w) + 1e-8) over the prediction slots, the NSP loss a mean cross-entropy."""
         encoded = self.bert(tokens, segments, valid_len)
@@ -102,12 +111,14 @@ class BertForPreTraining(nn.Module):
             nsp_correct = (nsp_logits.argmax(-1) == nsp_label).sum()
         terms = [term for term in (mlm_loss, nsp_loss) if term is not None]
         loss = cast(torch.Tensor, sum(terms)) if terms else None
-        return BertForPreTrainingOutput(loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, logits,
-                                        nsp_logits, encoded)
+        return BertForPreTrainingOutput(
+            loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, logits, nsp_logits, encoded
+        )
 
 
-def _mlm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor,
-                          weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlm_loss_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain path the fused loss is tested against: full (B, P, V) logits, then cross-entropy."""
     weights = weights.reshape(-1).float()
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.reshape(-1).long(), reduction="none")

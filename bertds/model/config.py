@@ -1,4 +1,5 @@
 """Typed model configuration and the named presets (tiny/small/base/large)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,8 @@ class BertConfig:
         if self.hidden_size % self.num_heads:
             raise UserError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
-                "pick a head count that divides the hidden size")
+                "pick a head count that divides the hidden size"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -2,6 +2,7 @@
 drawn by numpy (torch's CPU bernoulli_ is slow) and attention written out where SDPA would fall back to its math
 path with that slow mask. torch.compile and accelerators never take them (they generate or have their own kernels).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,12 +36,11 @@ def cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """Bernoulli(1 - p) as 32-bit uniform integers >= p·2³², drawn by numpy's PCG64 (both halves of its 64-bit
     outputs), single-threaded. The seed comes from torch's generator, so torch.manual_seed fixes the masks."""
     n = math.prod(shape)
-    bits = np.random.PCG64(int(torch.randint(2 ** 62, ()))).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(bits >= np.uint32(round(p * 2 ** 32))).view(shape)
+    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(bits >= np.uint32(round(p * 2**32))).view(shape)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-              dropout_p: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d), masked) v on (batch, heads, seq_len, head_dim). SDPA (flash / memory-efficient
     kernels) everywhere, except eager CPU training with attention dropout: SDPA then takes its math path with the
     slow bernoulli_, so the same math is written out here with the numpy mask."""

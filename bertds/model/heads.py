@@ -1,4 +1,5 @@
 """Pretraining heads: masked language model (on gathered positions) and next sentence prediction."""
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, x.shape[0], LOSS_CHUNK):
             rows = slice(start, start + LOSS_CHUNK)
             chunk = x[rows]
-            logits = buffer[:chunk.shape[0]]
+            logits = buffer[: chunk.shape[0]]
             if x.dtype == torch.float32:
                 torch.addmm(bias, chunk, weight.t(), out=logits)
             else:  # 16-bit matmul, fp32 softmax
@@ -84,8 +85,13 @@ class BertMLMHead(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = MLMDecoder(config.hidden_size, config.vocab_size)
 
-    def forward(self, encoded: torch.Tensor, pred_positions: torch.Tensor, labels: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        encoded: torch.Tensor,
+        pred_positions: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, P, V) at ``pred_positions``; given ``labels`` and ``weights`` (B, P) instead (d2l's MLM loss
         sum(w · CE) / (sum(w) + 1e-8), real slots predicted right), without materialising the logits."""
         # Gather the prediction positions first: the vocabulary projection, the largest matmul of the model,

@@ -1,4 +1,5 @@
 """BERT building blocks, named as in Hugging Face's modeling_bert: embeddings, encoder layers, pooler."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class TokenLayout:
     the valid tokens, stacked as (tokens, ...) rows, so the per-token work (projections, FFN, LayerNorm, dropout)
     skips the padding; attention scatters back to the grid. The padded positions' outputs are never read (keys are
     masked, the heads read valid positions), so both layouts compute the same thing for every valid token."""
+
     mask: torch.Tensor  # (batch, 1, 1, seq_len), True on valid tokens
     index: torch.Tensor | None  # unpadded: flat (batch * seq_len) positions of the valid tokens
 
@@ -158,8 +160,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
         # Pre-LN blocks leave the residual stream unnormalised: one LayerNorm after the last block.
-        self.final_LayerNorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-                                if config.pre_layernorm else None)
+        self.final_LayerNorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+        )
         self.activation_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

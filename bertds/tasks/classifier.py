@@ -1,4 +1,5 @@
 """Sentence-pair classifier on a pretrained BERT (d2l's ``BERTClassifier``), and its saved form."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ class BertClassifier(nn.Module):
         return self.output(self.bert.pooler(self.bert(tokens, segments, valid_lens)))
 
 
-def save_classifier(state_dict: dict[str, torch.Tensor], config: BertConfig, vocab: Vocab, info: dict,
-                    directory: str | Path) -> None:
+def save_classifier(
+    state_dict: dict[str, torch.Tensor], config: BertConfig, vocab: Vocab, info: dict, directory: str | Path
+) -> None:
     save_pretrained(state_dict, config, vocab, directory)
     (Path(directory) / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
 

@@ -10,6 +10,7 @@ Pairs whose gold label is ``-`` (no annotator consensus) are dropped, as in d2l.
 the tokenized one of the binary parse with its brackets removed (d2l's ``read_snli``), falling back to the raw
 sentence. Without a data directory the splits come from the hub dataset ``stanfordnlp/snli`` (internet).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ class NLIPairs:
         if n is None or n >= len(self):
             return self
         keep = sorted(random.Random(seed).sample(range(len(self)), n))
-        return NLIPairs([self.premises[i] for i in keep], [self.hypotheses[i] for i in keep],
-                        [self.labels[i] for i in keep], f"{self.source}, {n} sampled pairs")
+        return NLIPairs(
+            [self.premises[i] for i in keep],
+            [self.hypotheses[i] for i in keep],
+            [self.labels[i] for i in keep],
+            f"{self.source}, {n} sampled pairs",
+        )
 
 
 def split_files(data_dir: Path, split: str) -> list[Path]:
@@ -144,8 +149,9 @@ READERS = {".jsonl": read_jsonl, ".txt": read_snli_txt, ".tsv": read_tsv}
 def read_nli_file(path: str | Path) -> NLIPairs:
     path = Path(path)
     if path.suffix not in READERS:
-        raise UserError(f"{path}: unknown NLI file format; use SNLI's .jsonl or .txt, or a label<TAB>premise<TAB>"
-                        "hypothesis .tsv")
+        raise UserError(
+            f"{path}: unknown NLI file format; use SNLI's .jsonl or .txt, or a label<TAB>premise<TAB>hypothesis .tsv"
+        )
     pairs = READERS[path.suffix](path)
     if not len(pairs):
         raise UserError(f"{path} holds no labelled pairs; point at a non-empty SNLI split")
@@ -165,9 +171,11 @@ def load_split(data_dir: str | Path | None, split: str) -> NLIPairs:
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         present = [s for s in SPLITS if any(p.is_file() for p in split_files(data_dir, s))]
-        raise UserError(f"no {split} split in {data_dir} (looked for {', '.join(p.name for p in candidates)}); "
-                        f"the splits there are {', '.join(present) or 'none'}: choose one with --train-split/"
-                        "--eval-splits")
+        raise UserError(
+            f"no {split} split in {data_dir} (looked for {', '.join(p.name for p in candidates)}); "
+            f"the splits there are {', '.join(present) or 'none'}: choose one with --train-split/"
+            "--eval-splits"
+        )
     pairs = read_nli_file(found)
     if (data_dir / SYNTHETIC_MARKER).is_file():
         pairs.source = f"synthetic pair task (not SNLI) {found}"
@@ -176,6 +184,7 @@ def load_split(data_dir: str | Path | None, split: str) -> NLIPairs:
 
 def _load_hub_split(split: str) -> NLIPairs:
     import datasets
+
     rows = datasets.load_dataset(HUB_DATASET, split=HUB_SPLITS[split])
     rows = rows.filter(lambda label: label >= 0, input_columns="label")  # -1: no gold label
     return NLIPairs(rows["premise"], rows["hypothesis"], rows["label"], f"{HUB_DATASET} {HUB_SPLITS[split]}")
@@ -203,5 +212,9 @@ class TokenizedPairs(torch.utils.data.Dataset):
         premises, hypotheses, labels = zip(*items)
         longest = max(len(p) + len(h) for p, h in zip(premises, hypotheses)) + 3
         tokens, segments, valid_len, _ = pack_pairs(list(premises), list(hypotheses), self.vocab, longest)
-        return {"tokens": torch.from_numpy(tokens).long(), "segments": torch.from_numpy(segments).long(),
-                "valid_len": torch.from_numpy(valid_len).long(), "label": torch.tensor(labels)}
+        return {
+            "tokens": torch.from_numpy(tokens).long(),
+            "segments": torch.from_numpy(segments).long(),
+            "valid_len": torch.from_numpy(valid_len).long(),
+            "label": torch.tensor(labels),
+        }

@@ -7,6 +7,7 @@ For a premise sentence: entailment = a contiguous span of it; contradiction = su
 its first word; neutral = a span of another sentence. About 2% of the rows get the gold label ``-`` (no consensus),
 which the readers drop, as SNLI's.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ NO_CONSENSUS_SHARE = 0.02
 def _span(words: list[str], rng: random.Random) -> list[str]:
     length = rng.randint(3, max(3, len(words) // 2))
     start = rng.randint(0, len(words) - length)
-    return words[start:start + length]
+    return words[start : start + length]
 
 
 def synthetic_rows(sentences: list[str], n: int, seed: int) -> list[dict]:
@@ -42,13 +43,18 @@ def synthetic_rows(sentences: list[str], n: int, seed: int) -> list[dict]:
             if label == "contradiction":
                 hypothesis = [hypothesis[0], "not", *hypothesis[1:]]
         gold = NO_CONSENSUS if rng.random() < NO_CONSENSUS_SHARE else label
-        rows.append({"annotator_labels": [label], "gold_label": gold, "sentence1": " ".join(premise),
-                     "sentence2": " ".join(hypothesis)})
+        rows.append(
+            {
+                "annotator_labels": [label],
+                "gold_label": gold,
+                "sentence1": " ".join(premise),
+                "sentence2": " ".join(hypothesis),
+            }
+        )
     return rows
 
 
-def write_synthetic_snli(wikitext_dir: str | Path, out_dir: str | Path, sizes: dict[str, int],
-                         seed: int = 0) -> Path:
+def write_synthetic_snli(wikitext_dir: str | Path, out_dir: str | Path, sizes: dict[str, int], seed: int = 0) -> Path:
     """Writes ``snli_1.0_{split}.jsonl`` for each split in ``sizes`` (train/dev/test, from the WikiText-2 split of
     the same role) and the ``SYNTHETIC`` marker; returns ``out_dir``."""
     out_dir = Path(out_dir)
