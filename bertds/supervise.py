@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from bertds.fsutil import write_atomically
+
 STATUS_ENV = "BERTDS_SUPERVISE_STATUS"  # where rank 0 writes its exit status
 FORWARDED: dict[int, int] = {
     signal.SIGTERM: signal.SIGTERM,
@@ -47,9 +49,7 @@ def report_exit_status(code: int) -> None:
     path = os.environ.get(STATUS_ENV)
     if not path or os.environ.get("RANK", "0") != "0":
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(f"{code}\n")
-    os.replace(tmp, path)
+    write_atomically(path, f"{code}\n")
 
 
 def _become_subreaper() -> None:
