@@ -10,6 +10,7 @@ import torch
 
 from bertds import safe_load
 from bertds.engine.checkpoint import LATEST, find_checkpoint, rank_file
+from bertds.engine.tracking import read_metrics
 from bertds.errors import UserError
 from bertds.pretrained import WEIGHTS_FILE, load_pretrained
 
@@ -144,3 +145,15 @@ def test_export_of_a_crafted_checkpoint_exits_2_and_runs_nothing(run_copy, tmp_p
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("error:") == 1 and not marker.exists()
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(run_copy, launch, wikitext_dir):
+    # The old run saved steps 2 and 4; a 3-step replacement must not leave step00000004 (or its metrics) beside its own.
+    result = launch(
+        "pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(run_copy), "--overwrite",
+        "--max-steps", "3", "--save-interval", "3", "--batch-size", "32", "--log-interval", "1", "--no-wandb",
+    )  # fmt: skip
+    assert result.returncode == 0, result.log[-3000:]
+    assert sorted(p.name for p in checkpoints(run_copy).iterdir()) == [LATEST, "step00000003"]
+    assert (checkpoints(run_copy) / LATEST).read_text().strip() == "step00000003"
+    assert [record["step"] for record in read_metrics(run_copy)] == [1, 2, 3]

@@ -76,6 +76,27 @@ def test_malformed_or_missing_ds_config_is_a_user_error(tmp_path):
         load_ds_config(tmp_path / "none.json")
 
 
+@pytest.mark.parametrize(
+    "section, kind, message",
+    [
+        ("optimizer", "Adamm", "unknown optimizer type 'Adamm'; did you mean 'Adam'?"),
+        ("optimizer", "adamw", None),  # DeepSpeed reads optimizer types case-insensitively
+        ("scheduler", "WarmupDecayLRR", "unknown scheduler type 'WarmupDecayLRR'; did you mean 'WarmupDecayLR'?"),
+        ("scheduler", "Noam", "unknown scheduler type 'Noam'; choose one of "),
+        ("scheduler", "CosineAnnealingLR", None),  # torch's schedules are DeepSpeed's too
+    ],
+)
+def test_a_misspelt_optimizer_or_scheduler_type_is_one_user_error_with_a_did_you_mean(tmp_path, section, kind, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, section: {"type": kind, "params": {}}}))
+    if message is None:
+        assert load_ds_config(path)[section]["type"] == kind
+        return
+    with pytest.raises(UserError) as refused:
+        load_ds_config(path)
+    assert str(refused.value).startswith(f"DeepSpeed config {path}: {message}")
+
+
 @pytest.mark.parametrize("return_logits", [True, False])
 def test_pretraining_loss_ignores_padded_prediction_slots(return_logits):
     torch.manual_seed(0)

@@ -96,7 +96,14 @@ def _scheduler_names() -> dict[str, str]:
     import torch
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
-    names = [n for n in dir(torch.optim.lr_scheduler) if isinstance(getattr(torch.optim.lr_scheduler, n), type)]
+    schedules = torch.optim.lr_scheduler
+    names = [
+        n
+        for n in dir(schedules)
+        if isinstance(getattr(schedules, n), type)
+        and issubclass(getattr(schedules, n), schedules.LRScheduler)  # not the module's helpers (Counter, ...)
+        and n not in ("LRScheduler", "_LRScheduler")
+    ]
     return {n.lower(): n for n in [*VALID_LR_SCHEDULES, *names, "PolyWarmup"]}
 
 
