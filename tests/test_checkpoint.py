@@ -12,7 +12,7 @@ from bertds import safe_load
 from bertds.engine.checkpoint import LATEST, find_checkpoint, rank_file
 from bertds.engine.tracking import read_metrics
 from bertds.errors import UserError
-from bertds.pretrained import WEIGHTS_FILE, load_pretrained
+from bertds.pretrained import WEIGHTS_CHECKSUM_FILE, WEIGHTS_FILE, load_pretrained
 
 RUN = ("--max-steps", "4", "--save-interval", "2", "--batch-size", "32", "--log-interval", "2", "--no-wandb")
 
@@ -120,6 +120,16 @@ def test_a_truncated_model_pt_is_one_error_naming_it(run_copy):
     weights = run_copy / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match=WEIGHTS_FILE):
+        load_pretrained(run_copy)
+
+
+def test_a_flipped_byte_in_model_pt_is_caught_by_its_checksum(run_copy):
+    # torch does not check its zip's checksums: without model.pt.sha256 this file would load with a wrong weight.
+    weights = run_copy / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{WEIGHTS_FILE} does not match its SHA-256 in {WEIGHTS_CHECKSUM_FILE}"):
         load_pretrained(run_copy)
 
 

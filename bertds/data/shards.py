@@ -17,6 +17,7 @@ from bertds.data.examples import ExampleConfig
 from bertds.data.masking import MaskingSpec
 from bertds.data.tokenizer import TOKENIZER_FILE, Vocab, describe_vocab
 from bertds.errors import UserError
+from bertds.fsutil import file_sha256
 
 if TYPE_CHECKING:
     import datasets
@@ -25,7 +26,6 @@ FORMAT_VERSION = 5  # bump when the example semantics or the layout change, so s
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 ROWS_PER_SHARD = 1 << 17
-HASH_BLOCK = 1 << 24
 
 
 class DamagedData(UserError):
@@ -102,14 +102,6 @@ def write_shards(directory: Path, prefix: str, columns: dict[str, np.ndarray], c
         ):
             writer.write_table(table)
     return total
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_checksum(manifest: dict) -> str:

@@ -8,24 +8,18 @@ its own share of the files (``share = (rank, world_size)``), so a checkpoint is 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from bertds import safe_load
-from bertds.fsutil import write_atomically
+from bertds.fsutil import file_sha256, write_atomically
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 
 
 def describe(path: Path) -> dict:
-    with open(path, "rb") as f:
-        digest = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest is Python 3.11+
-            digest.update(block)
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def checkpoint_files(directory: Path) -> list[str]:

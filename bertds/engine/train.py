@@ -44,7 +44,7 @@ from bertds.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged
 from bertds.evaluate import HeldOutEvaluation, describe, heldout_examples
 from bertds.hf import loaded_model_name
 from bertds.model import BertConfig, BertForPreTraining, get_config, num_parameters
-from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
+from bertds.pretrained import CONFIG_FILE, WEIGHTS_CHECKSUM_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
 from bertds.supervise import report_exit_status
 
 __all__ = ["RunState", "TrainConfig", "TrainingDiverged", "main", "train"]
@@ -52,7 +52,7 @@ __all__ = ["RunState", "TrainConfig", "TrainingDiverged", "main", "train"]
 RUN_CONFIG_FILE = "train_config.json"
 RUN_MARKERS = (RUN_CONFIG_FILE, METRICS_FILE, CHECKPOINTS, WEIGHTS_FILE)
 # What a run writes into --output-dir; --overwrite removes all of it, so nothing of the old run stays beside the new.
-RUN_OUTPUTS = (*RUN_MARKERS, CONFIG_FILE, TOKENIZER_FILE, "loss.png", WANDB_ID_FILE, "wandb")
+RUN_OUTPUTS = (*RUN_MARKERS, WEIGHTS_CHECKSUM_FILE, CONFIG_FILE, TOKENIZER_FILE, "loss.png", WANDB_ID_FILE, "wandb")
 
 
 class MetricSums:

@@ -11,7 +11,7 @@ from torch import nn
 from bertds.data.tokenizer import Vocab
 from bertds.errors import UserError
 from bertds.model import BertConfig, BertModel
-from bertds.pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from bertds.pretrained import CONFIG_FILE, load_weights, save_pretrained
 
 CLASSIFIER_FILE = "classifier.json"  # labels, max_len and the accuracies of the saved epoch
 
@@ -45,5 +45,5 @@ def load_classifier(directory: str | Path) -> tuple[BertClassifier, Vocab, dict]
         raise UserError(f"{directory} holds no {CLASSIFIER_FILE}; pass the best/ directory of a fine-tuning run")
     info = json.loads((directory / CLASSIFIER_FILE).read_text())
     model = BertClassifier(BertModel(BertConfig.load(directory / CONFIG_FILE)), len(info["labels"]))
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(directory))
     return model.eval(), Vocab.load(directory), info
