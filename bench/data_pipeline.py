@@ -32,11 +32,12 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.d2l_data_reference import load_data_wiki  # noqa: E402
-from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resolve_corpus  # noqa: E402
-from bertds.data.loader import table_columns  # noqa: E402
-from bertds.data.prepare import TokenizerChoice, prepare_directory  # noqa: E402
-from bertds.errors import run_cli  # noqa: E402
+from bench.d2l_data_reference import load_data_wiki
+from bertds.data import ExampleConfig, PretrainingBatches, build_examples, resolve_corpus
+from bertds.data.loader import table_columns
+from bertds.data.prepare import TokenizerChoice, prepare_directory
+from bertds.data.tokenizer import DEFAULT_WORDPIECE_VOCAB
+from bertds.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -179,7 +180,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--reference-runs", type=int, default=1)
     p.add_argument("--bertds-runs", type=int, default=3)
-    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_WORDPIECE_VOCAB)
     p.add_argument("--micro-batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--num-workers", type=int, default=0)

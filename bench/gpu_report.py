@@ -36,7 +36,7 @@ from deepspeed.accelerator import get_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.throughput import (  # noqa: E402
+from bench.throughput import (
     STEPS,
     BenchConfig,
     Prefetcher,
@@ -48,11 +48,11 @@ from bench.throughput import (  # noqa: E402
     split_parameters,
     timed_steps,
 )
-from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from bertds.engine.optim import Lamb  # noqa: E402
-from bertds.errors import UserError, run_cli  # noqa: E402
-from bertds.model import BertForPreTraining, get_config  # noqa: E402
-from bertds.plan import PlanConfig, plan  # noqa: E402
+from bertds.distributed import init_distributed, shutdown_distributed
+from bertds.engine.optim import Lamb
+from bertds.errors import UserError, run_cli
+from bertds.model import BertForPreTraining, get_config
+from bertds.plan import PlanConfig, plan
 
 SEED_PAIRS_PER_S = 4370.0  # the seed's PyTorch main job on 2 GPUs (the figure)
 # Dense peak TFLOP/s per precision (fp32: TF32 tensor cores), first matching name wins.

@@ -29,10 +29,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import d2l_book  # noqa: E402
-from bench.throughput import achieved, model_flops, split_parameters  # noqa: E402
-from bertds.errors import UserError, run_cli  # noqa: E402
-from bertds.model import BertForPreTraining, get_config  # noqa: E402
+from bench import d2l_book
+from bench.throughput import achieved, model_flops, split_parameters
+from bertds.errors import UserError, run_cli
+from bertds.model import BertForPreTraining, get_config
 
 PAIRS_LINE = re.compile(r"^([\d.]+) sentence pairs/sec", re.M)
 BATCH, MAX_LEN = 512, 64  # the default recipe (ds_configs/tiny_cpu.json, --max-len)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bertds.data import ExampleConfig, build_examples, resolve_corpus  # noqa: E402
-from bertds.data.loader import table_columns  # noqa: E402
-from bertds.errors import run_cli  # noqa: E402
+from bertds.data import ExampleConfig, build_examples, resolve_corpus
+from bertds.data.loader import table_columns
+from bertds.errors import run_cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 UNUSED_BY_BERT_DATA = {

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus  # noqa: E402
-from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from bertds.engine import micro_step  # noqa: E402
-from bertds.errors import UserError, run_cli  # noqa: E402
-from bertds.model import BertConfig, BertForPreTraining, get_config  # noqa: E402
-from bertds.options import add_options, from_args, option, redefault  # noqa: E402
-from bertds.plan import JobShape  # noqa: E402
+from bertds.data import DataConfig, ExampleConfig, PretrainingBatches, prepare_pretraining_data, resolve_corpus
+from bertds.distributed import init_distributed, shutdown_distributed
+from bertds.engine import micro_step
+from bertds.errors import UserError, run_cli
+from bertds.model import BertConfig, BertForPreTraining, get_config
+from bertds.options import add_options, from_args, option, redefault
+from bertds.plan import JobShape
 
 STEPS = {"fused": micro_step, "logits": functools.partial(micro_step, fused=False)}
 

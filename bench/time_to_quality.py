@@ -41,11 +41,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bertds.data import load_prepared  # noqa: E402
-from bertds.engine.tracking import read_metrics  # noqa: E402
-from bertds.errors import run_cli  # noqa: E402
-from bertds.evaluate import HELDOUT_PREFIX, score  # noqa: E402
-from bertds.model import BertForPreTraining, get_config  # noqa: E402
+from bertds.data import load_prepared
+from bertds.engine.tracking import read_metrics
+from bertds.errors import run_cli
+from bertds.evaluate import HELDOUT_PREFIX, score
+from bertds.model import BertForPreTraining, get_config
 
 BERTDS_RECIPE = REPO / "ds_configs" / "small_budget.json"
 BERTDS_FLAGS: tuple[str, ...] = ()  # post-LN, NSP, dropout 0.1: ahead of pre-LN/MLM-only/no dropout here

@@ -27,14 +27,14 @@ from pathlib import Path
 # so all of them get it, and keep_freed_memory below (set OMP_WAIT_POLICY to compare another policy).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import d2l_book  # noqa: E402
-from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss  # noqa: E402
-from bench.throughput import (  # noqa: E402
+from bench import d2l_book
+from bench.reference_bert import BERTModel, load_bertds_state_dict, pretraining_loss
+from bench.throughput import (
     STEPS,
     BenchConfig,
     achieved,
@@ -45,10 +45,10 @@ from bench.throughput import (  # noqa: E402
     model_flops,
     split_parameters,
 )
-from bertds.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from bertds.engine.host_memory import keep_freed_memory  # noqa: E402
-from bertds.errors import UserError, run_cli  # noqa: E402
-from bertds.model import MODEL_PRESETS  # noqa: E402
+from bertds.distributed import init_distributed, shutdown_distributed
+from bertds.engine.host_memory import keep_freed_memory
+from bertds.errors import UserError, run_cli
+from bertds.model import MODEL_PRESETS
 
 Batch = dict[str, torch.Tensor]
 

@@ -15,13 +15,13 @@ from pathlib import Path
 # spinning thread holds the core its descheduled partner needs). Set OMP_WAIT_POLICY to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import deepspeed  # noqa: E402
+import deepspeed
 
-from bertds.data import add_data_arguments, data_config_from_args  # noqa: E402
-from bertds.engine.train import TrainConfig, main  # noqa: E402
-from bertds.errors import run_cli  # noqa: E402
-from bertds.evaluate import add_eval_arguments, eval_config_from_args  # noqa: E402
-from bertds.options import add_options, from_args  # noqa: E402
+from bertds.data import add_data_arguments, data_config_from_args
+from bertds.engine.train import TrainConfig, main
+from bertds.errors import run_cli
+from bertds.evaluate import add_eval_arguments, eval_config_from_args
+from bertds.options import add_options, from_args
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "tiny_cpu.json"
 

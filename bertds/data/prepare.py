@@ -86,7 +86,7 @@ def obtain_vocab(corpus: Corpus, choice: TokenizerChoice, cache_dir: Path | None
     if cached is not None and (cached / "tokenizer.json").is_file():
         try:
             return Vocab.load(cached)
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+        except Exception as e:
             print(
                 f"warning: cached tokenizer {cached} cannot be read ({str(e).splitlines()[0][:120]}); training "
                 "it again",

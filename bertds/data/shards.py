@@ -190,7 +190,7 @@ def load_vocab(path: Path, manifest: dict) -> Vocab:
         raise DamagedData(path, f"{TOKENIZER_FILE} is missing")
     try:
         vocab = Vocab.load(path)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+    except Exception as e:
         raise DamagedData(path, f"{TOKENIZER_FILE} cannot be read ({str(e).splitlines()[0][:120]})") from None
     if vocab.fingerprint() != manifest["tokenizer_info"].get("fingerprint"):
         raise DamagedData(path, f"{TOKENIZER_FILE} is not the tokenizer its examples were made with")

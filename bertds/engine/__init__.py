@@ -7,7 +7,7 @@ import sys
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed  # noqa: F401 - imported for the redirect above; the modules below use it
 
-from bertds.engine.config import load_ds_config, resolve_batch_sizes  # noqa: E402 - after deepspeed, see above
-from bertds.engine.step import micro_step  # noqa: E402 - after deepspeed, see above
+from bertds.engine.config import load_ds_config, resolve_batch_sizes
+from bertds.engine.step import micro_step
 
 __all__ = ["load_ds_config", "micro_step", "resolve_batch_sizes"]

@@ -488,7 +488,7 @@ def main(cfg: TrainConfig) -> int:
     stops them."""
     try:
         code = run_cli(lambda: EXIT_PREEMPTED if train(cfg).preempted else EXIT_OK)
-    except BaseException:  # noqa: BLE001 - anything else, Ctrl-C included, must end this rank now, printed
+    except BaseException:
         traceback.print_exc()
         report_exit_status(EXIT_FAILED)
         sys.stdout.flush()
