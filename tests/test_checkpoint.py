@@ -167,3 +167,39 @@ def test_overwrite_leaves_nothing_of_the_old_run(run_copy, launch, wikitext_dir)
     assert sorted(p.name for p in checkpoints(run_copy).iterdir()) == [LATEST, "step00000003"]
     assert (checkpoints(run_copy) / LATEST).read_text().strip() == "step00000003"
     assert [record["step"] for record in read_metrics(run_copy)] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(launch, wikitext_dir, tmp_path_factory) -> Path:
+    """A two-rank run with checkpoints at steps 2 and 4."""
+    output_dir = tmp_path_factory.mktemp("two-rank-run")
+    result = launch("pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(output_dir), *RUN, nproc=2)
+    assert result.returncode == 0, result.log[-3000:]
+    return output_dir
+
+
+@pytest.mark.parametrize("resume", ["the damaged checkpoint", "auto"])
+def test_a_missing_rank_file_under_two_ranks_is_one_error_or_a_fallback_never_a_hang(
+    two_rank_run, tmp_path, launch, wikitext_dir, resume
+):
+    # Issue 13 §1: rank 1's file of the newest checkpoint deleted; every rank must learn it before any collective.
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run, ignore=shutil.ignore_patterns(".bertds.lock"))
+    damaged = checkpoints(run) / "step00000004"
+    (damaged / rank_file(1)).unlink()
+    flag = str(damaged) if resume != "auto" else "auto"
+    result = launch(
+        "pretrain.py", "--data-dir", str(wikitext_dir), "--output-dir", str(run), *RUN[2:], "--max-steps", "6",
+        "--resume", flag, nproc=2, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in result.log.splitlines() if line.startswith("error:")]
+    if resume == "auto":  # falls back to the newest checkpoint that verifies, and says so
+        assert result.returncode == 0, result.log[-3000:]
+        assert not errors and "resuming from" in result.log and "step00000002" in result.log
+        assert (checkpoints(run) / LATEST).read_text().strip() == "step00000006"
+        return
+    assert result.returncode == 2, result.log[-3000:]
+    assert len(errors) == 1, result.log[-3000:]
+    assert rank_file(1) in errors[0] and "step00000002" in errors[0]  # names the missing file and what verifies
+    assert "Traceback" not in result.log
+    assert (damaged / rank_file(0)).is_file()  # nothing deleted
