@@ -186,3 +186,41 @@ def wordpiece_vocab():
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     return Vocab(tokenizer, {"unk": "[UNK]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]", "sep": "[SEP]"})
+
+
+def as_numpy(examples):
+    return {k: np.asarray(v) for k, v in examples.with_format("numpy")[:].items()}
+
+
+def write_corpus(directory, lines, split_file="wiki.train.tokens"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / split_file).write_text("".join(f" {line} \n" for line in lines))
+    return directory
+
+
+def columns(examples):
+    from bertds.data.loader import table_columns
+
+    return table_columns(examples.data.table)
+
+
+@pytest.fixture(scope="session")
+def wordpiece(wikitext_dir):
+    from bertds.data import Vocab, resolve_corpus
+    from bertds.data.prepare import corpus_texts
+
+    corpus = resolve_corpus([str(wikitext_dir / "wiki.train.tokens")])
+    return Vocab.train_wordpiece(corpus_texts(corpus, "[UNK]"), vocab_size=8000)
+
+
+def document_corpus(tmp_path, docs=30, sentences=12, name="docs.txt"):
+    """Blank-line separated documents; every word of sentence s of document d is "dDsS", so any token tells
+    where it came from. Sentence lengths vary from 2 to 6 words."""
+    rng = np.random.default_rng(0)
+    blocks = []
+    for d in range(docs):
+        said = [" ".join([f"d{d}s{s}"] * int(rng.integers(2, 7))) + " ." for s in range(sentences)]
+        blocks.append("\n".join(" ".join(said[i : i + 3]) for i in range(0, sentences, 3)))
+    path = tmp_path / name
+    path.write_text("\n\n".join(blocks) + "\n")
+    return path

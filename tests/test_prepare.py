@@ -1,6 +1,7 @@
-"""Preparing or reusing prepared data (bertds/data/prepare.py, shards.py) when its files are damaged (issue 13 §5,
-§6, §8): a ``--prepared`` or ``--out`` directory is refused with one error line and left as it is, a cache entry is
-prepared again; stale preparation directories of dead processes go, those of live ones stay."""
+"""Preparing data (bertds/data/prepare.py, shards.py): examples repeat per seed, the cache is reused, streaming
+equals whole reading, prepared directories serve training, bad command lines exit 2; and when files are damaged
+(issue 13 §5, §6, §8): a ``--prepared`` or ``--out`` directory is refused with one error line and left as it is, a
+cache entry is prepared again; stale preparation directories of dead processes go, those of live ones stay."""
 
 import json
 import shutil
@@ -10,12 +11,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from datasets.distributed import split_dataset_by_node
 
 from bertds.data import (
     DataConfig,
     ExampleConfig,
+    TokenizerChoice,
+    build_examples,
     load_prepared,
+    prepare_directory,
     prepare_for_training,
     prepare_pretraining_data,
     resolve_corpus,
@@ -23,7 +30,15 @@ from bertds.data import (
 from bertds.data.prepare import preparation_dir
 from bertds.data.shards import MANIFEST, SHARDS, manifest_checksum
 from bertds.errors import EXIT_USER_ERROR, UserError, run_cli
-from tests.conftest import REPO, launcher_command, launcher_env
+from tests.conftest import (
+    REPO,
+    as_numpy,
+    columns,
+    document_corpus,
+    launcher_command,
+    launcher_env,
+    write_corpus,
+)
 
 TRAIN = ("--max-steps", "1", "--batch-size", "8", "--no-wandb")
 
@@ -293,3 +308,118 @@ def test_an_out_that_holds_something_else_is_refused_untouched(prepare_cli, smal
         f"error: {out} is {existing}; nothing was written there: choose a new directory to write the prepared data to"
     ]
     assert {k: v for k, v in files(tmp_path).items() if not k.startswith("cache")} == before
+
+
+def test_same_seed_gives_same_examples_and_another_seed_differs(wikitext_dir):
+    source = resolve_corpus(None, str(wikitext_dir), "validation")
+    first, _ = build_examples(source, ExampleConfig(seed=3))
+    second, _ = build_examples(source, ExampleConfig(seed=3))
+    other, _ = build_examples(source, ExampleConfig(seed=4))
+    a, b, c = as_numpy(first), as_numpy(second), as_numpy(other)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a["tokens"]) != len(c["tokens"]) or not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_second_prepare_reads_the_cache(prepared, wikitext_dir, cache_dir):
+    corpus = resolve_corpus(None, str(wikitext_dir))
+    again = prepare_pretraining_data(corpus, ExampleConfig(max_len=64, seed=0), cache_dir)
+    assert again.from_cache and again.path == prepared.path
+    assert len(again.examples) == len(prepared.examples)
+    assert np.array_equal(as_numpy(again.examples)["tokens"], as_numpy(prepared.examples)["tokens"])
+    assert again.vocab.fingerprint() == prepared.vocab.fingerprint()
+
+
+def test_interrupted_cache_build_is_not_used(wikitext_dir, tmp_path):
+    source = resolve_corpus(None, str(write_corpus(tmp_path / "c", ["a b . c d . e f", "g h . i j"] * 50)))
+    config = ExampleConfig(max_len=16)
+    built = prepare_pretraining_data(source, config, tmp_path / "cache")
+    (built.path / "manifest.json").unlink()  # as if the process died before the build completed
+    rebuilt = prepare_pretraining_data(source, config, tmp_path / "cache")
+    assert not rebuilt.from_cache and (rebuilt.path / "manifest.json").is_file()
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
+
+
+def test_streaming_and_whole_reading_give_the_same_examples(tmp_path):
+    files = [document_corpus(tmp_path, docs=12, name=f"part{i}.txt") for i in range(2)]
+    rows = [{"text": t} for t in ["first doc . it has two sentences .", "second one . also two ."] * 5]
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "extra.parquet")
+    corpus = resolve_corpus([str(f) for f in files] + [str(tmp_path / "extra.jsonl"), str(tmp_path / "extra.parquet")])
+    config = ExampleConfig(max_len=24, recipe="bert", seed=1)
+    whole, _ = build_examples(corpus, config, min_freq=1)
+    streamed, _ = build_examples(corpus, config, min_freq=1, streaming=True)
+    a, b = columns(whole), columns(streamed)
+    assert len(whole) > 100 and all(np.array_equal(a[k], b[k]) for k in a)
+    # Each rank streams a disjoint part of the documents; together they are all of them.
+    documents = [r["text"] for r in corpus.documents(streaming=False)]
+    parts = [
+        [r["text"] for r in split_dataset_by_node(corpus.documents(streaming=True), rank=r, world_size=3)]
+        for r in range(3)
+    ]
+    assert sorted(sum(parts, [])) == sorted(documents) and len(documents) == 12 * 2 + 20
+
+
+REPO_LAUNCHER = REPO / "launcher" / "prepare_data.py"
+
+
+def test_prepared_directory_serves_training_and_refuses_another_tokenizer(tmp_path, wordpiece):
+    path = tmp_path / "prepared"
+    corpus = resolve_corpus([str(document_corpus(tmp_path))])
+    data = prepare_directory(
+        corpus, TokenizerChoice("word", min_freq=1), ExampleConfig(max_len=32, recipe="bert"), path
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["num_examples"] == len(data.examples) == sum(manifest["shards"].values())
+    assert manifest["max_len"] == 32 and manifest["tokenizer_info"]["fingerprint"] == data.vocab.fingerprint()
+    again = prepare_for_training(DataConfig(prepared=str(path), max_len=32), rank=0)
+    assert again.vocab.fingerprint() == data.vocab.fingerprint() and len(again.examples) == len(data.examples)
+    wordpiece.save(tmp_path)
+    with pytest.raises(UserError, match="another tokenizer"):
+        prepare_for_training(
+            DataConfig(prepared=str(path), max_len=32, tokenizer=str(tmp_path / "tokenizer.json")), rank=0
+        )
+    with pytest.raises(UserError, match="max_len 32"):
+        prepare_for_training(DataConfig(prepared=str(path), max_len=64), rank=0)
+
+
+def test_training_prepares_a_raw_corpus_into_the_cache(tmp_path):
+    config = DataConfig(
+        corpus=[str(document_corpus(tmp_path))],
+        cache_dir=str(tmp_path / "cache"),
+        max_len=32,
+        recipe="bert",
+        min_freq=1,
+        masking="dynamic",
+    )
+    first = prepare_for_training(config, rank=0)
+    second = prepare_for_training(config, rank=0)
+    assert first.path == second.path and second.from_cache and second.masking == first.masking
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, prepare_cli, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    single = tmp_path / "single.tokens"
+    single.write_text(" = Title = \n\n one sentence only \n")
+    bad_tokenizer = tmp_path / "weights.bin"
+    bad_tokenizer.write_bytes(b"\0")
+    cases = {
+        "empty": ["--corpus", str(empty)],
+        "missing": ["--corpus", str(tmp_path / "nowhere.txt")],
+        "single": ["--corpus", str(single)],
+        "tokenizer": ["--corpus", str(document_corpus(tmp_path)), "--tokenizer", str(bad_tokenizer)],
+        "no examples": ["--corpus", str(single), "--recipe", "bert", "--sentence-task", "sop"],
+    }
+    for name, args in cases.items():
+        out = tmp_path / "out" / name
+        assert prepare_cli([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (name, err)
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir()), name
+    result = subprocess.run(
+        [sys.executable, str(REPO_LAUNCHER), "--corpus", str(empty), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "are empty" in result.stderr and not (tmp_path / "x").exists()
