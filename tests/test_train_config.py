@@ -1,5 +1,6 @@
 """Pretraining flags are validated when parsed (issue 13 §7): one UserError each, before anything starts."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,18 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_pa
             RunLock(tmp_path).acquire()
     with RunLock(tmp_path):  # released on exit
         pass
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_reported_as_stale(tmp_path):
+    # A run killed with -9 leaves its record in the lock file; the kernel released its flock when it died.
+    dead = {"pid": 999999999, "host": "node7", "started": 0, "command": "launcher/pretrain.py --old"}
+    (tmp_path / ".bertds.lock").write_text(json.dumps(dead) + "\n")
+    with RunLock(tmp_path) as lock:
+        assert lock.stale_message() is not None
+        assert "ended without releasing it (pid 999999999 on node7" in lock.stale_message()
+        assert json.loads((tmp_path / ".bertds.lock").read_text())["pid"] == os.getpid()
+    with RunLock(tmp_path) as lock:  # a clean release leaves nothing stale
+        assert lock.stale_message() is None
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
