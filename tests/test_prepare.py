@@ -98,6 +98,25 @@ def small_corpus(tmp_path_factory) -> Path:
 # --- --prepared: refused, one line, nothing deleted (§5, §6) -------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "flags, refusal",
+    [
+        ({"mask_prob": 0.3}, "was prepared with mask_prob 0.15, not --mask-prob 0.3"),
+        ({"masking": "dynamic"}, "was prepared with dynamic_masking False, not --masking dynamic"),
+        ({"recipe": "bert"}, "was prepared with recipe d2l, not --recipe bert"),
+        ({"mask_prob": 0.15, "sentence_task": "none"}, None),  # the directory's own values (none trains on nsp)
+    ],
+)
+def test_a_prepared_directory_refuses_flags_asking_for_other_examples(prepared_copy, flags, refusal):
+    config = DataConfig(prepared=str(prepared_copy), max_len=64, **flags)
+    if refusal is None:
+        assert len(prepare_for_training(config, rank=0).examples) > 0
+        return
+    with pytest.raises(UserError) as refused:
+        prepare_for_training(config, rank=0)
+    assert str(refused.value) == (f"--prepared {prepared_copy} {refusal}; drop the flag or prepare the data with it")
+
+
 @pytest.mark.parametrize("how", ["deleted", "truncated", "corrupt"])
 def test_a_damaged_prepared_shard_is_one_error_naming_it_and_nothing_is_deleted(prepared_copy, how, capsys):
     size = only_shard(prepared_copy).stat().st_size

@@ -17,7 +17,7 @@ import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -409,9 +409,32 @@ def example_config(config: DataConfig) -> ExampleConfig:
     )
 
 
+# Flags that shape the examples, with the manifest key (ExampleConfig's field) each is recorded under.
+EXAMPLE_FLAGS = {
+    "recipe": "recipe",
+    "sentence_task": "sentence_task",
+    "mask_prob": "mask_prob",
+    "masking": "dynamic_masking",
+    "whole_word_masking": "whole_word_masking",
+    "max_predictions": "max_predictions_per_seq",
+    "short_seq_prob": "short_seq_prob",
+    "dupe_factor": "dupe_factor",
+    "truncate": "truncate",
+}
+
+
 def check_prepared_matches(data: PreparedData, config: DataConfig) -> None:
-    """A prepared directory fixes the tokenizer and max_len; flags asking for others are refused."""
+    """A prepared directory fixes the tokenizer, max_len and the recipe; flags asking for others are refused (a flag
+    left at its default takes the directory's)."""
     manifest = data.manifest or {}
+    asked = asdict(example_config(config))
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    for flag, key in EXAMPLE_FLAGS.items():
+        if getattr(config, flag) != defaults[flag] and key in manifest and manifest[key] != asked[key]:
+            raise UserError(
+                f"--prepared {data.path} was prepared with {key} {manifest[key]}, not --{flag.replace('_', '-')} "
+                f"{getattr(config, flag)}; drop the flag or prepare the data with it"
+            )
     if manifest.get("max_len") != config.max_len:
         raise UserError(
             f"--prepared {data.path} holds max_len {manifest.get('max_len')} examples, not --max-len "
