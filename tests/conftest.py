@@ -105,6 +105,21 @@ def launcher_command(script: str, *args: str, nproc: int | None = None) -> list[
     ]
 
 
+def torchrun_command(script: str, *args: str) -> list[str]:
+    """Two ranks of ``script`` (a path) under torchrun, on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
+
+
 def launcher_env(cache_dir: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     return {

@@ -4,7 +4,6 @@ BERT's weight-decay groups."""
 import json
 import math
 import subprocess
-import sys
 
 import deepspeed
 import numpy as np
@@ -21,7 +20,7 @@ from bertds.evaluate import EvalConfig, heldout_data_config, score
 from bertds.evaluate import main as evaluate_main
 from bertds.model import BertForPreTraining, get_config, num_parameters
 from bertds.pretrained import load_pretrained
-from tests.conftest import REPO, free_port, launcher_env
+from tests.conftest import REPO, launcher_env, torchrun_command
 from tests.eval_worker import MICRO_BATCH, seeded_model
 
 NUM_EXAMPLES = 9  # with micro batch 4 and 2 ranks: shares of 5 and 4, so one rank runs an extra forward
@@ -87,20 +86,7 @@ def test_metrics_equal_a_direct_computation_on_one_rank(small_set, prepared, pro
 
 def test_metrics_equal_a_direct_computation_on_two_ranks_and_zero3(small_set, prepared, cache_dir):
     _, _, expected = small_set
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "eval_worker.py"),
-        str(prepared.path),
-        str(NUM_EXAMPLES),
-        "0",
-        "3",
-    ]
+    command = torchrun_command(str(REPO / "tests" / "eval_worker.py"), str(prepared.path), str(NUM_EXAMPLES), "0", "3")
     result = subprocess.run(
         command,
         cwd=REPO,

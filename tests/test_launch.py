@@ -20,7 +20,7 @@ from bertds.engine.checkpoint import LATEST, verify
 from bertds.engine.tracking import read_metrics
 from bertds.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER_ERROR
 from bertds.supervise import alive as running
-from tests.conftest import DIST_ENV, REPO, free_port, launcher_env
+from tests.conftest import DIST_ENV, REPO, free_port, launcher_env, torchrun_command
 
 TRAIN = ["--batch-size", "32", "--log-interval", "1", "--max-steps", "40", "--no-wandb", "--eval-examples", "64"]
 STOP_WITHIN = 120  # seconds a stopped or failed run may take to end: far below the 40 steps it would otherwise run
@@ -32,20 +32,6 @@ def deepspeed_command(script: str, *args: str) -> list[str]:
         "-m",
         "deepspeed.launcher.runner",
         "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        script,
-        *args,
-    ]
-
-
-def torchrun_command(script: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
         "2",
         "--master_port",
         str(free_port()),
