@@ -4,25 +4,29 @@
     python bench/time_to_quality.py --equal-steps 60      # the fairness check: same math, same steps
 
 Both sides train the same BERT shape on the same examples (``launcher/prepare_data.py``: WordPiece, ``--recipe
-bert``, max_len 128, the same pairs and tokens), one after the other, for ``--budget-s`` training seconds each:
+bert``, max_len 128, the same pairs and tokens), one after the other, for ``--budget-s`` training seconds each, in
+the same precision: bf16 where the CPU has it (AVX-512 BF16), fp32 elsewhere or with ``--fp32``:
 
-- bertds: ``launcher/pretrain.py`` with its small-budget recipe, ``ds_configs/small_budget.json`` plus
-  ``BERTDS_FLAGS``, masks at ``BERTDS_MASK_PROB``;
+- bertds: ``launcher/pretrain.py`` with its small-budget recipe, ``ds_configs/small_budget_bf16.json`` (DeepSpeed's
+  bf16: bf16 weights and activations, fp32 master weights in the optimizer) or ``ds_configs/small_budget.json`` in
+  fp32, plus ``BERTDS_FLAGS``, masks at ``BERTDS_MASK_PROB``;
 - Hugging Face: ``transformers.BertForPreTraining`` + ``transformers.Trainer`` (its AdamW, linear warmup and decay,
-  dataloader and loop) with ``HF_SETTINGS``, in bf16 mixed precision where the CPU has bf16 (Hugging Face's CPU
-  training guide: ``bf16=True, use_cpu=True``); the labels in its conventions (-100 where nothing is predicted,
-  ``next_sentence_label`` 0 = "B continues A"), masks at 15% (BERT's and its data collator's default).
+  dataloader and loop) with ``HF_SETTINGS``, in bf16 mixed precision as Hugging Face's CPU training guide recommends
+  (``bf16=True, use_cpu=True``: bf16 autocast over fp32 weights) or in fp32; the labels in its conventions (-100
+  where nothing is predicted, ``next_sentence_label`` 0 = "B continues A"), masks at 15% (BERT's and its data
+  collator's default).
 
 Each side first times a few steps to size its run to the budget (its schedule decays over the steps it can do),
 then trains; both are scored by ``bertds.evaluate.score`` on the same held-out examples (WikiText-2 validation,
-masks at 15%) during the run, the evaluation time left out of the budget. Printed: the two curves (held-out MLM
-accuracy against training seconds) and the headline: the time bertds needs to reach Hugging Face's final held-out
-MLM accuracy (and loss), as a fraction of Hugging Face's training time.
+masks at 15%) during the run (bertds ``--bertds-evals`` times, Hugging Face ``--evals`` times), the evaluation
+time left out of the budget on both sides. Printed: the two curves (held-out MLM accuracy against training seconds)
+and the headline: the time bertds needs to reach Hugging Face's final held-out MLM accuracy (and loss), as a
+fraction of Hugging Face's training time.
 
 ``--equal-steps N`` checks that the comparison is fair instead: both sides train N steps with the same math
-(post-LN, NSP, masks at 15%, fp32, ``HF_SETTINGS`` and the same schedule on both) and are printed at equal steps,
-where the same held-out loss is expected up to the noise of data order and dropout (the accuracy too, once past
-the frequent-token regime, where it is the share of whichever token the model predicts everywhere).
+(post-LN, NSP, masks at 15%, the same precision, ``HF_SETTINGS`` and the same schedule on both) and are printed at
+equal steps, where the same held-out loss is expected up to the noise of data order and dropout (the accuracy too,
+once past the frequent-token regime, where it is the share of whichever token the model predicts everywhere).
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ from bertds.errors import run_cli
 from bertds.evaluate import HELDOUT_PREFIX, score
 from bertds.model import BertForPreTraining, get_config
 
-BERTDS_RECIPE = REPO / "ds_configs" / "small_budget.json"
+BERTDS_RECIPE = {
+    "fp32": REPO / "ds_configs" / "small_budget.json",
+    "bf16": REPO / "ds_configs" / "small_budget_bf16.json",
+}
 BERTDS_FLAGS: tuple[str, ...] = ()  # post-LN, NSP, dropout 0.1: ahead of pre-LN/MLM-only/no dropout here
 BERTDS_MASK_PROB = 0.15  # 0.3 costs 1.44x per step at this shape (the MLM head dominates) for less than it gains
 # Hugging Face's side: AdamW with RoBERTa's betas/eps, linear warmup then decay to 0, clipping 1.0, no decay on
@@ -146,7 +153,7 @@ def bertds_seconds_per_step(args, prepared: Path, recipe: Path, flags, workdir: 
     return float(np.median([batch / r["pairs_per_s"] for r in records[1:]]))
 
 
-def hf_settings_as_ds_config(batch: int, workdir: Path) -> Path:
+def hf_settings_as_ds_config(batch: int, bf16: bool, workdir: Path) -> Path:
     """``HF_SETTINGS`` as a DeepSpeed JSON, for bertds' side of the equal-steps check."""
     s = HF_SETTINGS
     config = {
@@ -162,6 +169,7 @@ def hf_settings_as_ds_config(batch: int, workdir: Path) -> Path:
         },
         "gradient_clipping": s["max_grad_norm"],
         "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
     }
     path = workdir / "hf_settings.json"
@@ -314,9 +322,9 @@ def report_budget(bertds_curve: list[dict], hf_curve: list[dict], budget: float)
             )
 
 
-def report_equal_steps(bertds_curve: list[dict], hf_curve: list[dict]) -> None:
+def report_equal_steps(bertds_curve: list[dict], hf_curve: list[dict], precision: str) -> None:
     by_step = {p["step"]: p for p in bertds_curve}
-    print("\nat equal steps, same math (post-LN, NSP, masks at 15%, fp32, the same optimizer and schedule)")
+    print(f"\nat equal steps, same math (post-LN, NSP, masks at 15%, {precision}, the same optimizer and schedule)")
     print(
         f"{'step':>6} {'HF acc':>8} {'bertds acc':>10} {'HF loss':>8} {'bertds loss':>11} {'HF s':>7} {'bertds s':>9}"
     )
@@ -332,14 +340,19 @@ def report_equal_steps(bertds_curve: list[dict], hf_curve: list[dict]) -> None:
 # --- the two modes ----------------------------------------------------------------------------------------------
 
 
+def precision(args) -> str:
+    """Both sides' precision: bf16 where the CPU has it (Hugging Face's CPU guide recommends it), else fp32."""
+    return "bf16" if cpu_has_bf16() and not args.fp32 else "fp32"
+
+
 def equal_steps(args, prepared: Path, heldout, workdir: Path) -> None:
-    interval = max(1, args.equal_steps // args.evals)
-    recipe = hf_settings_as_ds_config(args.batch_size, workdir)
+    interval, bf16 = max(1, args.equal_steps // args.evals), precision(args) == "bf16"
+    recipe = hf_settings_as_ds_config(args.batch_size, bf16, workdir)
     bertds_curve = scored(
         run_bertds(args, prepared, recipe, (), workdir / "bertds", args.equal_steps, interval, len(heldout))
     )
-    hf_curve = run_hf(args, prepared, heldout, args.equal_steps, interval, workdir, bf16=False)
-    report_equal_steps(bertds_curve, hf_curve)
+    hf_curve = run_hf(args, prepared, heldout, args.equal_steps, interval, workdir, bf16)
+    report_equal_steps(bertds_curve, hf_curve, precision(args))
 
 
 def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
@@ -347,23 +360,24 @@ def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
     if BERTDS_MASK_PROB != 0.15:
         bertds_prepared = prepare(args, workdir / f"prepared-mask{BERTDS_MASK_PROB}", BERTDS_MASK_PROB)
         check_same_examples(prepared, bertds_prepared)
-    bf16 = cpu_has_bf16() and not args.hf_fp32
-    bertds_step = bertds_seconds_per_step(args, bertds_prepared, BERTDS_RECIPE, BERTDS_FLAGS, workdir)
+    recipe, bf16 = BERTDS_RECIPE[precision(args)], precision(args) == "bf16"
+    bertds_step = bertds_seconds_per_step(args, bertds_prepared, recipe, BERTDS_FLAGS, workdir)
     hf_step = hf_seconds_per_step(args, prepared, heldout, workdir, bf16)
     bertds_steps, hf_steps = max(1, int(args.budget_s / bertds_step)), max(1, int(args.budget_s / hf_step))
-    # bertds is evaluated more often: the headline needs its curve early in the budget.
-    hf_interval, bertds_interval = max(1, round(hf_steps / args.evals)), max(1, round(bertds_steps / (2 * args.evals)))
+    # bertds is evaluated more often: the headline is where its curve crosses Hugging Face's final accuracy.
+    hf_interval = max(1, round(hf_steps / args.evals))
+    bertds_interval = max(1, round(bertds_steps / args.bertds_evals))
     print(
-        f"calibration: bertds {bertds_step:.2f} s/step -> {bertds_steps} steps, evaluated every {bertds_interval}; "
-        f"Hugging Face ({'bf16 mixed precision' if bf16 else 'fp32'}) {hf_step:.2f} s/step -> {hf_steps} steps, "
-        f"evaluated every {hf_interval}; {len(heldout)} held-out examples",
+        f"calibration: bertds ({recipe.name}) {bertds_step:.2f} s/step -> {bertds_steps} steps, evaluated every "
+        f"{bertds_interval}; Hugging Face ({'bf16 mixed precision' if bf16 else 'fp32'}) {hf_step:.2f} s/step -> "
+        f"{hf_steps} steps, evaluated every {hf_interval}; {len(heldout)} held-out examples",
         flush=True,
     )
     bertds_curve = scored(
         run_bertds(
             args,
             bertds_prepared,
-            BERTDS_RECIPE,
+            recipe,
             BERTDS_FLAGS,
             workdir / "bertds",
             bertds_steps,
@@ -394,12 +408,15 @@ def main() -> int:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=json.loads(BERTDS_RECIPE.read_text())["train_batch_size"],
+        default=json.loads(BERTDS_RECIPE["fp32"].read_text())["train_batch_size"],
         help="Hugging Face's batch (and both sides' with --equal-steps); default: bertds' recipe's",
     )
-    p.add_argument("--hf-fp32", action="store_true", help="Hugging Face in fp32 even where the CPU has bf16")
+    p.add_argument("--fp32", action="store_true", help="both sides in fp32 even where the CPU has bf16")
     p.add_argument("--eval-examples", type=int, default=300, help="held-out examples scored at each evaluation")
-    p.add_argument("--evals", type=int, default=6, help="evaluations of the Hugging Face run (bertds: twice as many)")
+    p.add_argument(
+        "--evals", type=int, default=6, help="evaluations of the Hugging Face run (and of both with --equal-steps)"
+    )
+    p.add_argument("--bertds-evals", type=int, default=50, help="evaluations of the bertds run")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="time-to-quality-") as tmp:
