@@ -12,19 +12,30 @@ The model's structure is d2l's, not BERT's, so only part of bertds' initial weig
 LayerNorm eps 1e-5 (not 1e-12), an untied MLM decoder (given a copy of the tied embedding) and 1000 learned positions
 (the first 512 copied). The losses are therefore close, not equal; the equality of computation is proven against the
 local replica ``bench/reference_bert.py`` instead.
+
+Run as a script, it is the d2l side of ``bench/vs_reference.py``: one fresh process that times the book's step on the
+batches and initial weights that the bench saved, with torch's defaults (nothing of bertds' process settings):
+
+    python bench/d2l_book.py INPUTS.pt RESULT.json --warmup 2 --steps 3 [--threads 2] [--lr 0.01]
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import sys
 import time
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bertds.model import BertConfig
 
 # What d2l/torch.py imports at module level but its BERT, attention and Adam code never uses.
 UNUSED_IMPORTS = (
@@ -210,3 +221,43 @@ class BookTrainer:
         self.timer_s += time.perf_counter() - start
         self.pairs += tokens_X.shape[0]
         return total_l.detach()
+
+
+def time_book_steps(d2l, inputs: dict, warmup: int, steps: int, lr: float) -> dict:
+    """The book's step on the saved batches (cycled) from the saved bertds weights: ``warmup`` untimed steps, then
+    ``steps`` timed by the book's timer. Returns seconds per timed step, their losses and the unmapped weights."""
+    config, batches = BertConfig.from_dict(inputs["config"]), inputs["batches"]
+    net = build_bert(d2l, config, to_d2l_batch(batches[0]))
+    unmapped = load_bertds_weights(net, inputs["state_dict"])
+    trainer = BookTrainer(d2l, net, config.vocab_size, lr)
+    net.train()
+    for i in range(warmup):
+        trainer.step(batches[i % len(batches)])
+    timer_s = trainer.timer_s
+    losses = [float(trainer.step(batches[(warmup + i) % len(batches)])) for i in range(steps)]
+    return {"step_s": (trainer.timer_s - timer_s) / steps, "losses": losses, "unmapped": unmapped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="times d2l's own BERT step in this process (for bench/vs_reference.py)")
+    p.add_argument("inputs", help="torch.save'd {'batches', 'state_dict', 'config'} written by bench/vs_reference.py")
+    p.add_argument("result", help="where to write the timing as JSON")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01, help="the book's Adam learning rate")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    d2l = import_d2l()
+    if d2l is None:
+        print("error: the d2l package is not installed; pip install d2l --no-deps", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = torch.load(args.inputs, weights_only=True)
+    result = time_book_steps(d2l, inputs, args.warmup, args.steps, args.lr)
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

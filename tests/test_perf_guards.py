@@ -118,6 +118,22 @@ def test_linear_cross_entropy_with_zero_scaled_rows_across_chunks(monkeypatch):
         torch.testing.assert_close(got, t.grad)
 
 
+def test_linear_cross_entropy_is_exact_far_from_the_label():
+    # Labels hundreds of nats below the row's best logit: exp(label - max) underflows in float32, and the loss must
+    # still be the exact log-sum-exp difference (the normaliser comes from the largest probability, never the label's).
+    decoder = MLMDecoder(2, 4)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 50.0], [0.0, 0.0]]))
+        decoder.bias.zero_()
+    x = torch.tensor([[3.0, 0.0], [0.0, -2.0], [-1.0, 1.0]], requires_grad=True)
+    labels, scale = torch.tensor([1, 2, 0]), torch.ones(3)
+    loss, correct = decoder(x, labels, scale)
+    expected = F.cross_entropy(F.linear(x, decoder.weight, decoder.bias), labels, reduction="sum")
+    assert expected.item() > 900  # 600 + 101.1 + 200 nats: the regime the test is about
+    torch.testing.assert_close(loss, expected)
+    assert correct.item() == 0
+
+
 def test_reference_bert_is_the_same_computation():
     torch.manual_seed(0)
     model = BertForPreTraining(get_config("tiny", vocab_size=VOCAB, pad_token_id=1)).eval()
@@ -182,7 +198,7 @@ def test_cpu_attention_with_dropout_equals_sdpa_when_nothing_is_dropped(monkeypa
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 10, 8, requires_grad=True) for _ in range(3))
     mask = key_padding_mask(torch.tensor([10, 6, 1]), 10)
-    monkeypatch.setattr("bertds.model.cpu_fastpath.cpu_keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+    monkeypatch.setattr("bertds.model.cpu_fastpath.cpu_dropout_mask", lambda shape, p: torch.full(shape, 1 / (1 - p)))
     ours = attention(q, k, v, mask, 0.5)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2  # kept probabilities × 1 / (1 - p)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)

@@ -38,13 +38,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # 16-bit matmul, fp32 softmax
                 logits.copy_(torch.addmm(bias, chunk, weight.t()))
             target = logits.gather(1, labels[rows, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            correct += ((target >= top.squeeze(1)) & (scale[rows] > 0)).sum()  # the label is the argmax
-            exp = logits.sub_(top).exp_()  # in place: one (chunk, vocab) buffer for logits, exp and gradient
-            total = exp.sum(dim=-1, keepdim=True)
-            loss += ((top + total.log()).squeeze(1) - target).mul(scale[rows]).sum()
+            top = logits.amax(dim=-1)
+            correct += ((target >= top) & (scale[rows] > 0)).sum()  # the label is the argmax
+            probs = softmax_in_place(logits)  # one (chunk, vocab) buffer for logits, probabilities and gradient
+            loss += (log_normalizer(top, probs) - target).mul(scale[rows]).sum()
             if grads:  # d loss / d logits = scale · (softmax - onehot)
-                g = exp.mul_(scale[rows, None] / total)
+                g = probs.mul_(scale[rows, None])
                 g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
                 grad_b += g.sum(0)
                 grad_w.addmm_(g.t(), chunk.float())
@@ -61,6 +60,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_correct):
         grad_x, grad_w, grad_b = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension, written over ``logits``: torch's kernel works row by row, each row staying in
+    cache through its max, exp, sum and scaling (separate whole-tensor ops would stream the chunk through memory once
+    per op)."""
+    return torch._softmax(logits, -1, False, out=logits)
+
+
+def log_normalizer(top: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """log Σ_j exp(logits_j) per row, from the row's max logit ``top`` and its softmax: the largest probability is
+    exp(top - log Σ) (at least 1 / vocab, so its log loses nothing to underflow)."""
+    return top - probs.amax(dim=-1).log()
 
 
 class MLMDecoder(nn.Linear):
