@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bertds.model import BertForPreTraining, get_config
-from bertds.model.cpu_fastpath import Dropout, attention
+from bertds.model.cpu_fastpath import Dropout, attention, unpadded_attention
 from bertds.model.heads import MLMDecoder
 from bertds.model.layers import BertSelfAttention, TokenLayout, key_padding_mask
 
@@ -232,3 +232,22 @@ def test_one_rank_zero0_step_skips_the_all_reduce_and_updates_as_plain_pytorch(p
     torch.optim.SGD(plain.parameters(), lr=0.5).step()
     for (name, ours), theirs in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unpadded_attention_equals_padded_attention_with_the_same_dropout_in_values_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    heads, head_dim, seq_len = 2, 8, 10
+    layout = TokenLayout.from_valid_lens(torch.tensor([10, 6, 1]), seq_len, unpad=True)
+    qkv = torch.randn(len(layout.index), 3 * heads * head_dim, requires_grad=True)
+    drop = torch.bernoulli(torch.full((3, heads, seq_len, seq_len), 0.7)) / 0.7
+    monkeypatch.setattr("bertds.model.cpu_fastpath.cpu_dropout_mask", lambda shape, p: drop)
+    ours = unpadded_attention(qkv, layout.grid_rows, layout.grid_cols, layout.mask, heads, 0.3)
+    # The straightforward computation: pad, split heads, masked softmax, the same dropout, merge heads, unpad.
+    grid = layout.pad(qkv).view(3, seq_len, 3, heads, head_dim)
+    q, k, v = (t.transpose(1, 2) for t in grid.unbind(dim=2))
+    scores = (q @ k.transpose(-1, -2) / head_dim**0.5).masked_fill(~layout.mask, float("-inf"))
+    expected = layout.unpad((scores.softmax(-1) * drop @ v).transpose(1, 2).reshape(3, seq_len, -1))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(ours)
+    (got,), (want,) = (torch.autograd.grad((out * weights).sum(), qkv) for out in (ours, expected))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -69,3 +69,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(q.shape[-1])).masked_fill_(~mask, float("-inf"))
     return cpu_dropout(scores.softmax(dim=-1), dropout_p) @ v
+
+
+def unpadded_attention(
+    qkv: torch.Tensor, grid_rows: torch.Tensor, grid_cols: torch.Tensor, mask: torch.Tensor, num_heads: int, p: float
+) -> torch.Tensor:
+    """``attention`` for token rows: (tokens, 3 · hidden) fused q/k/v rows -> (tokens, hidden) outputs, token t
+    living at (grid_rows[t], grid_cols[t]) of the (batch, seq_len) grid; ``p`` the attention dropout (0: none)."""
+    return _UnpaddedAttention.apply(qkv, grid_rows, grid_cols, mask, num_heads, p)
+
+
+class _UnpaddedAttention(torch.autograd.Function):
+    """The rows go straight into one head-major (3, batch, heads, seq_len, head_dim) grid, zero at the padding, and
+    the backward writes the q/k/v gradients into one such grid, so no per-tensor copy or stacking happens in between;
+    the padded rows stay zero (finite) so that they add exactly nothing."""
+
+    @staticmethod
+    def forward(ctx, qkv, grid_rows, grid_cols, mask, num_heads, p):
+        tokens, head_dim = qkv.shape[0], qkv.shape[1] // (3 * num_heads)
+        grid = qkv.new_zeros(3, mask.shape[0], num_heads, mask.shape[-1], head_dim)
+        grid.permute(1, 3, 0, 2, 4)[grid_rows, grid_cols] = qkv.view(tokens, 3, num_heads, head_dim)
+        q, k, v = grid.unbind(0)
+        scores = (q @ k.transpose(-1, -2)).mul_(1 / math.sqrt(head_dim)).masked_fill_(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        drop = cpu_dropout_mask(probs.shape, p).to(probs.dtype) if 0 < p < 1 else None
+        kept = probs if drop is None else probs * drop
+        ctx.save_for_backward(grid, probs, kept, drop, grid_rows, grid_cols)
+        return (kept @ v).transpose(1, 2)[grid_rows, grid_cols].reshape(tokens, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid, probs, kept, drop, grid_rows, grid_cols = ctx.saved_tensors
+        q, k, v = grid.unbind(0)
+        grad_out = grad.new_zeros(q.shape)
+        grad_out.transpose(1, 2)[grid_rows, grid_cols] = grad.view(grad.shape[0], q.shape[1], q.shape[-1])
+        grad_grid = torch.empty_like(grid)
+        torch.matmul(kept.transpose(-1, -2), grad_out, out=grad_grid[2])
+        grad_probs = grad_out @ v.transpose(-1, -2)
+        if drop is not None:
+            grad_probs.mul_(drop)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(1 / math.sqrt(q.shape[-1]))
+        torch.matmul(grad_scores, k, out=grad_grid[0])
+        torch.matmul(grad_scores.transpose(-1, -2), q, out=grad_grid[1])
+        grad_qkv = grad_grid.permute(1, 3, 0, 2, 4)[grid_rows, grid_cols].reshape(grad.shape[0], -1)
+        return grad_qkv, None, None, None, None, None

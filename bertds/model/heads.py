@@ -38,10 +38,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # 16-bit matmul, fp32 softmax
                 logits.copy_(torch.addmm(bias, chunk, weight.t()))
             target = logits.gather(1, labels[rows, None]).squeeze(1)
-            top = logits.amax(dim=-1)
+            top, top_index = logits.max(dim=-1)
             correct += ((target >= top) & (scale[rows] > 0)).sum()  # the label is the argmax
             probs = softmax_in_place(logits)  # one (chunk, vocab) buffer for logits, probabilities and gradient
-            loss += (log_normalizer(top, probs) - target).mul(scale[rows]).sum()
+            top_prob = probs.gather(1, top_index[:, None]).squeeze(1)
+            loss += (log_normalizer(top, top_prob) - target).mul(scale[rows]).sum()
             if grads:  # d loss / d logits = scale · (softmax - onehot)
                 g = probs.mul_(scale[rows, None])
                 g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
@@ -69,10 +70,11 @@ def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
     return torch._softmax(logits, -1, False, out=logits)
 
 
-def log_normalizer(top: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """log Σ_j exp(logits_j) per row, from the row's max logit ``top`` and its softmax: the largest probability is
-    exp(top - log Σ) (at least 1 / vocab, so its log loses nothing to underflow)."""
-    return top - probs.amax(dim=-1).log()
+def log_normalizer(top: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
+    """log Σ_j exp(logits_j) per row, from the row's max logit ``top`` and the softmax at that logit (read at the
+    argmax rather than by a second max over the row): it is exp(top - log Σ), at least 1 / vocab, so its log loses
+    nothing to underflow."""
+    return top - top_prob.log()
 
 
 class MLMDecoder(nn.Linear):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bertds.model.config import BertConfig
-from bertds.model.cpu_fastpath import Dropout, attention
+from bertds.model.cpu_fastpath import Dropout, attention, eager_cpu, unpadded_attention
 
 
 def key_padding_mask(valid_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -63,12 +63,17 @@ class TokenLayout:
 
     mask: torch.Tensor  # (batch, 1, 1, seq_len), True on valid tokens
     index: torch.Tensor | None  # unpadded: flat (batch * seq_len) positions of the valid tokens
+    grid_rows: torch.Tensor | None = None  # unpadded: index // seq_len and index % seq_len
+    grid_cols: torch.Tensor | None = None
 
     @classmethod
     def from_valid_lens(cls, valid_lens: torch.Tensor, seq_len: int, unpad: bool) -> TokenLayout:
         mask = key_padding_mask(valid_lens, seq_len)
         # nonzero() waits for the device, so accelerators keep the padded (static-shape) layout.
-        return cls(mask, mask.reshape(-1).nonzero().squeeze(1) if unpad else None)
+        if not unpad:
+            return cls(mask, None)
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(mask, index, index.div(seq_len, rounding_mode="floor"), index.remainder(seq_len))
 
     @property
     def batch(self) -> int:
@@ -122,10 +127,16 @@ class BertSelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        p = self.attention_dropout if self.training else 0.0
+        if layout.index is not None and eager_cpu(x):
+            qkv = self.qkv(x)
+            return self.dense(
+                unpadded_attention(qkv, layout.grid_rows, layout.grid_cols, layout.mask, self.num_heads, p)
+            )
         batch, seq_len, hidden = layout.batch, layout.seq_len, x.shape[-1]
         qkv = layout.pad(self.qkv(x)).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
-        out = attention(q, k, v, layout.mask, self.attention_dropout if self.training else 0.0)
+        out = attention(q, k, v, layout.mask, p)
         return self.dense(layout.unpad(out.transpose(1, 2).reshape(batch, seq_len, hidden)))
 
 
