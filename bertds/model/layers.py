@@ -128,11 +128,9 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         p = self.attention_dropout if self.training else 0.0
-        if layout.index is not None and eager_cpu(x):
-            qkv = self.qkv(x)
-            return self.dense(
-                unpadded_attention(qkv, layout.grid_rows, layout.grid_cols, layout.mask, self.num_heads, p)
-            )
+        rows, cols = layout.grid_rows, layout.grid_cols
+        if rows is not None and cols is not None and eager_cpu(x):
+            return self.dense(unpadded_attention(self.qkv(x), rows, cols, layout.mask, self.num_heads, p))
         batch, seq_len, hidden = layout.batch, layout.seq_len, x.shape[-1]
         qkv = layout.pad(self.qkv(x)).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
