@@ -346,13 +346,14 @@ def precision(args) -> str:
 
 
 def equal_steps(args, prepared: Path, heldout, workdir: Path) -> None:
-    interval, bf16 = max(1, args.equal_steps // args.evals), precision(args) == "bf16"
+    interval, mode = max(1, args.equal_steps // args.evals), precision(args)
+    bf16 = mode == "bf16"
     recipe = hf_settings_as_ds_config(args.batch_size, bf16, workdir)
     bertds_curve = scored(
         run_bertds(args, prepared, recipe, (), workdir / "bertds", args.equal_steps, interval, len(heldout))
     )
     hf_curve = run_hf(args, prepared, heldout, args.equal_steps, interval, workdir, bf16)
-    report_equal_steps(bertds_curve, hf_curve, precision(args))
+    report_equal_steps(bertds_curve, hf_curve, mode)
 
 
 def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
@@ -360,7 +361,8 @@ def same_budget(args, prepared: Path, heldout, workdir: Path) -> None:
     if BERTDS_MASK_PROB != 0.15:
         bertds_prepared = prepare(args, workdir / f"prepared-mask{BERTDS_MASK_PROB}", BERTDS_MASK_PROB)
         check_same_examples(prepared, bertds_prepared)
-    recipe, bf16 = BERTDS_RECIPE[precision(args)], precision(args) == "bf16"
+    mode = precision(args)
+    recipe, bf16 = BERTDS_RECIPE[mode], mode == "bf16"
     bertds_step = bertds_seconds_per_step(args, bertds_prepared, recipe, BERTDS_FLAGS, workdir)
     hf_step = hf_seconds_per_step(args, prepared, heldout, workdir, bf16)
     bertds_steps, hf_steps = max(1, int(args.budget_s / bertds_step)), max(1, int(args.budget_s / hf_step))
