@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -11,6 +12,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from bertds.errors import UserError
+
+SHM_DIR = Path("/dev/shm")
 
 
 def _free_port() -> int:
@@ -53,8 +56,26 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed()
+        _unlink_shm_allreduce_buffer()
     _one_thread_share_per_rank()
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU backend creates for ``rank`` when every rank is on this machine."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU backend gives each rank a 69 MB segment in RAM-backed /dev/shm when all ranks are local
+    (LOCAL_SIZE equals the world size) and never unlinks it, so every run left its segments behind, killed or not,
+    until /dev/shm filled the machine's memory. Once each rank has mapped its peers' segments (they all have when
+    the barrier passes) the names can go: the mappings stay valid and the kernel frees them when the ranks exit."""
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    dist.barrier()
+    shm_allreduce_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def _one_thread_share_per_rank() -> None:

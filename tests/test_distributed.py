@@ -1,11 +1,13 @@
 """The process group's start-up (bertds.distributed)."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from bertds.distributed import SHM_DIR
+from tests.conftest import REPO, free_port, launcher_env
 
 # What launcher/pretrain.py does first on launch rank 0, through the same error wrapper.
 CHECK = (
@@ -32,3 +34,25 @@ def test_a_busy_master_port_is_one_error_line_and_exit_2():
     assert "pass another --master_port to the deepspeed launcher" in errors[0] and "Traceback" not in busy.stderr
     free = check_port(port)  # the same check passes once the port is free again
     assert free.returncode == 0, free.stderr
+
+
+def test_a_two_rank_cpu_job_leaves_no_shared_memory_segment_and_its_shm_all_reduce_still_works(tmp_path, cache_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+        + [str(REPO / "tests" / "shm_worker.py")],
+        cwd=REPO,
+        env=launcher_env(cache_dir, SHM_REPORT_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in reports] == [0, 1], proc.stdout[-3000:]
+    for report in reports:
+        assert report["world_size"] == 2 and report["sum"] == [3.0, 3.0, 3.0, 3.0]
+        # DeepSpeed made and mapped both ranks' segments; their names were already gone while the job ran, so
+        # not even kill -9 can leave them in /dev/shm
+        assert len(report["mapped"]) == 2 and all(m.endswith("(deleted)") for m in report["mapped"]), report
+        assert report["names_left"] == []
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{reports[0]['port']}_*"))
