@@ -22,7 +22,8 @@ def main() -> None:
     rank, world_size = init_distributed()
     dist.barrier()  # every rank is past its own set-up before this one looks
     port = os.environ["MASTER_PORT"]
-    segment_maps = [line.split(maxsplit=5)[-1].strip() for line in open("/proc/self/maps") if "deepspeed_allreduce" in line]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    segment_maps = [line.split(maxsplit=5)[-1] for line in maps if "deepspeed_allreduce" in line]
     total = torch.full((4,), float(rank + 1))
     ds_comm.inference_all_reduce(total)
     report = {
