@@ -15,13 +15,13 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
 
-from bertds.distributed import SHM_DIR, init_distributed, shutdown_distributed
+from bertds.distributed import init_distributed, shm_allreduce_buffer, shutdown_distributed
 
 
 def main() -> None:
     rank, world_size = init_distributed()
     dist.barrier()  # every rank is past its own set-up before this one looks
-    port = os.environ["MASTER_PORT"]
+    segments = [shm_allreduce_buffer(r) for r in range(world_size)]
     maps = Path("/proc/self/maps").read_text().splitlines()
     segment_maps = [line.split(maxsplit=5)[-1] for line in maps if "deepspeed_allreduce" in line]
     total = torch.full((4,), float(rank + 1))
@@ -29,9 +29,9 @@ def main() -> None:
     report = {
         "rank": rank,
         "world_size": world_size,
-        "port": port,
+        "segments": [str(path) for path in segments],
         "mapped": sorted(set(segment_maps)),
-        "names_left": sorted(p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")),
+        "names_left": [str(path) for path in segments if path.exists()],
         "sum": total.tolist(),
     }
     Path(os.environ["SHM_REPORT_DIR"], f"rank{rank}.json").write_text(json.dumps(report))
