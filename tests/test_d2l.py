@@ -116,3 +116,23 @@ def test_corpus_without_two_sentence_paragraphs_is_a_user_error(tmp_path):
         paragraph_sentences(source)
     with pytest.raises(UserError, match="no paragraph with two or more sentences"):
         build_examples(source, ExampleConfig())
+
+
+def test_dupe_factor_redraws_the_nsp_pairs_and_masks_of_every_copy(tmp_path):
+    """--dupe-factor N: copy 0 is d2l's draw, unchanged; the other copies pair and mask the same sentences anew."""
+    source = resolve_corpus(None, str(synthetic_corpus(tmp_path)))
+    single, _ = build_examples(source, ExampleConfig(max_len=16), min_freq=1)
+    tripled, vocab = build_examples(source, ExampleConfig(max_len=16, dupe_factor=3), min_freq=1)
+    one, three = as_numpy(single), as_numpy(tripled)
+    assert len(tripled) == 3 * len(single) == 3 * 160
+    for name, column in one.items():
+        assert (three[name][:160] == column).all(), name
+    pairs, labels = decode_pairs(tripled, vocab)
+    copies = [pairs[k * 160 : (k + 1) * 160] for k in range(3)]
+    assert [a for a, _ in copies[1]] == [a for a, _ in copies[0]]  # every adjacent pair once per copy
+    assert [b for _, b in copies[1]] != [b for _, b in copies[0]]  # with other random next sentences
+    assert (labels[160:320] != labels[:160]).any()
+    assert (three["pred_positions"][160:320] != one["pred_positions"]).any()
+    for (a, b), is_next in zip(pairs, labels):
+        if is_next:
+            assert a[0] == b[0] and int(b[1][1:]) == int(a[1][1:]) + 1

@@ -62,7 +62,7 @@ class DataConfig:
         "static: masks fixed at preparation; dynamic: drawn every epoch (RoBERTa)",
         choices=["static", "dynamic"],
     )
-    dupe_factor: int = option(1, "static masking: copies with different masks")
+    dupe_factor: int = option(1, "static masking: copies of the corpus with different pairs and masks")
     mask_prob: float = option(
         0.15, "share of each sequence's tokens predicted (MosaicBERT: 0.30); evaluation stays at 0.15"
     )

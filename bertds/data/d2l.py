@@ -200,13 +200,25 @@ def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict
     """d2l's NSP pairs and MLM masking for every adjacent sentence pair of every paragraph: B is the true next
     sentence with probability 0.5, else a random sentence of a random paragraph of the whole corpus (label 0;
     one-sentence paragraphs included, as d2l's ``random.choice(random.choice(paragraphs))``).
-    Pairs longer than max_len are dropped, or truncated (longest first) with ``config.truncate``."""
-    rng = np.random.default_rng([config.seed, 2])
+    Pairs longer than max_len are dropped, or truncated (longest first) with ``config.truncate``.
+    With ``config.dupe_factor`` N the corpus is paired and masked N times with different draws (Google's
+    dupe_factor), so N passes over the data meet new NSP negatives as well as new masks; copy 0 is d2l's."""
     ids, tokens_per_word = vocab.encode_indexed(corpus.dictionary, corpus.word_index)
     token_offsets = np.concatenate([[0], np.cumsum(corpus.sentence_words)])
     if tokens_per_word is not None:
         token_offsets = np.concatenate([[0], np.cumsum(tokens_per_word)])[token_offsets]
-    sentence_start, sentence_len = token_offsets[:-1], np.diff(token_offsets)
+    sentences = np.stack([token_offsets[:-1], np.diff(token_offsets)])
+    copies = []
+    for copy in range(config.dupe_factor):
+        stream = [] if copy == 0 else [copy]
+        pairs = d2l_pairs(corpus, sentences, np.random.default_rng([config.seed, 2, *stream]), config)
+        copies.append(finish_examples(ids, pairs, vocab, config, [config.seed, 3, *stream]))
+    return {name: np.concatenate([c[name] for c in copies]) for name in copies[0]} if len(copies) > 1 else copies[0]
+
+
+def d2l_pairs(corpus: D2LCorpus, sentences: np.ndarray, rng: np.random.Generator, config: ExampleConfig) -> PairRanges:
+    """One draw of d2l's pairs; ``sentences`` holds each sentence's (start, length) in tokens."""
+    sentence_start, sentence_len = sentences
     paragraph_start = np.concatenate([[0], np.cumsum(corpus.paragraph_size)])
     is_paragraph = corpus.is_paragraph
     paragraph_start, paragraph_size = paragraph_start[:-1][is_paragraph], corpus.paragraph_size[is_paragraph]
@@ -231,6 +243,5 @@ def d2l_examples(corpus: D2LCorpus, vocab: Vocab, config: ExampleConfig) -> dict
     if config.truncate:
         cut_a, cut_b = truncate_longest_first(pairs.a_len, pairs.b_len, max_tokens)
         pairs.a_len, pairs.b_len = pairs.a_len - cut_a, pairs.b_len - cut_b
-    else:
-        pairs = pairs.select(pairs.a_len + pairs.b_len <= max_tokens)
-    return finish_examples(ids, pairs, vocab, config, [config.seed, 3])
+        return pairs
+    return pairs.select(pairs.a_len + pairs.b_len <= max_tokens)

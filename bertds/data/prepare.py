@@ -112,9 +112,9 @@ def check_recipe(config: ExampleConfig, streaming: bool) -> None:
         raise UserError(f"--recipe {config.recipe}: use d2l or bert")
     if config.sentence_task not in ("nsp", "sop"):
         raise UserError(f"--sentence-task {config.sentence_task}: use nsp or sop")
-    if config.recipe == "d2l" and (config.sentence_task != "nsp" or streaming or config.dupe_factor != 1):
+    if config.recipe == "d2l" and (config.sentence_task != "nsp" or streaming):
         raise UserError(
-            "--sentence-task sop, --streaming and --dupe-factor need --recipe bert (d2l pairs a "
+            "--sentence-task sop and --streaming need --recipe bert (d2l pairs a "
             "sentence with a random sentence of the whole corpus, which needs it all in memory)"
         )
     if config.dynamic_masking and config.dupe_factor != 1:
