@@ -17,7 +17,7 @@ from bertds.errors import UserError
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["BatchSource", "PretrainingBatches", "rank_range", "table_columns"]
+__all__ = ["BatchSource", "PretrainingBatches", "RecordBatches", "rank_range", "table_columns"]
 
 
 def pin_memory() -> bool:
@@ -46,6 +46,29 @@ def rank_range(num_examples: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+class RecordBatches:
+    """Row gathers from a table of several record batches (memory-mapped shards), one ``take`` per record batch
+    that holds requested rows: Arrow's ``Table.take`` on a chunked table works over every chunk of each column,
+    and its cost grows with the table, not with the rows taken."""
+
+    def __init__(self, table: pa.Table):
+        self.batches = table.to_batches()  # zero-copy views of the table's chunks
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
+
+    def take(self, indices: np.ndarray) -> pa.Table:
+        """The rows ``indices`` (global row numbers), in that order."""
+        chunk = np.searchsorted(self.starts, indices, side="right") - 1
+        by_chunk = np.argsort(chunk, kind="stable")
+        bounds = np.searchsorted(chunk[by_chunk], np.arange(len(self.batches) + 1))
+        parts = [
+            self.batches[k].take(pa.array(indices[by_chunk[lo:hi]] - self.starts[k]))
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+            if hi > lo
+        ]
+        gathered = pa.Table.from_batches(parts, schema=self.batches[0].schema).combine_chunks()
+        return gathered.take(pa.array(np.argsort(by_chunk)))  # back to the requested order
+
+
 class BatchSource(Dataset):
     """Fetches one micro-batch (an index list) with a single Arrow take; with dynamic masking draws its masks
     from (seed, epoch, global example index)."""
@@ -55,13 +78,19 @@ class BatchSource(Dataset):
             shard = shard.flatten_indices()
         # datasets' Table: pickled to worker processes by file path (memory-mapped), not by value.
         self.rows, self.offset, self.masking, self.seed = shard.data, offset, masking, seed
+        self.record_batches: RecordBatches | None = None  # built in the process that reads, never pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "record_batches": None}
 
     def __len__(self) -> int:
         return self.rows.num_rows
 
     def __getitem__(self, key: tuple[int, list[int]]) -> dict[str, torch.Tensor]:
         epoch, indices = key
-        batch = table_columns(self.rows.table.take(pa.array(indices, type=pa.int64())))  # one Arrow gather
+        if self.record_batches is None:
+            self.record_batches = RecordBatches(self.rows.table)
+        batch = table_columns(self.record_batches.take(np.asarray(indices, dtype=np.int64)))
         if self.masking is not None:
             index = np.asarray(indices, dtype=np.int64) + self.offset
             tokens = batch["tokens"].copy()
