@@ -422,18 +422,23 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, prepare_cli, capsys)
     single.write_text(" = Title = \n\n one sentence only \n")
     bad_tokenizer = tmp_path / "weights.bin"
     bad_tokenizer.write_bytes(b"\0")
+    documents = str(document_corpus(tmp_path))
     cases = {
         "empty": ["--corpus", str(empty)],
         "missing": ["--corpus", str(tmp_path / "nowhere.txt")],
         "single": ["--corpus", str(single)],
-        "tokenizer": ["--corpus", str(document_corpus(tmp_path)), "--tokenizer", str(bad_tokenizer)],
+        "tokenizer": ["--corpus", documents, "--tokenizer", str(bad_tokenizer)],
         "no examples": ["--corpus", str(single), "--recipe", "bert", "--sentence-task", "sop"],
+        "dupe factor with dynamic masks": ["--corpus", documents, "--masking", "dynamic", "--dupe-factor", "2"],
+        "d2l with sop": ["--corpus", documents, "--sentence-task", "sop"],
     }
     for name, args in cases.items():
         out = tmp_path / "out" / name
         assert prepare_cli([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (name, err)
+        if name == "dupe factor with dynamic masks":
+            assert "use it with --masking static" in err[0]
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir()), name
     result = subprocess.run(
         [sys.executable, str(REPO_LAUNCHER), "--corpus", str(empty), "--out", str(tmp_path / "x")],

@@ -119,8 +119,8 @@ def check_recipe(config: ExampleConfig, streaming: bool) -> None:
         )
     if config.dynamic_masking and config.dupe_factor != 1:
         raise UserError(
-            "--dupe-factor copies the corpus with different static masks; with --masking dynamic "
-            "the masks change every epoch anyway, leave --dupe-factor at 1"
+            "--dupe-factor draws new pairs and new static masks for each copy of the corpus: use it with "
+            "--masking static, or leave it at 1 with --masking dynamic (masks redrawn every epoch)"
         )
     if not 0 < config.mask_prob < 1:
         raise UserError(f"--mask-prob {config.mask_prob}: the share of tokens predicted must be between 0 and 1")
