@@ -70,7 +70,7 @@ class RecordBatches:
 
 
 class BatchSource(Dataset):
-    """Fetches one micro-batch (an index list) with a single Arrow take; with dynamic masking draws its masks
+    """Fetches one micro-batch (an index list) in one gather per record batch; with dynamic masking draws its masks
     from (seed, epoch, global example index)."""
 
     def __init__(self, shard: datasets.Dataset, offset: int, masking: MaskingSpec | None, seed: int):
