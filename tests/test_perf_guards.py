@@ -118,6 +118,33 @@ def test_linear_cross_entropy_with_zero_scaled_rows_across_chunks(monkeypatch):
         torch.testing.assert_close(got, t.grad)
 
 
+def test_linear_cross_entropy_in_bf16_matches_float32_across_chunks(monkeypatch):
+    # bf16 training: the fused loss runs its matmuls in 16 bits and its softmax in fp32; loss, accuracy and gradients
+    # must match the fp32 computation on the same (bf16-representable) values to bf16 precision.
+    monkeypatch.setattr("bertds.model.heads.LOSS_CHUNK", 16)
+    torch.manual_seed(0)
+    decoder = MLMDecoder(32, 300)
+    with torch.no_grad():
+        decoder.weight.normal_(), decoder.bias.normal_()
+    x32 = torch.randn(50, 32).bfloat16().float()  # exact in both dtypes
+    labels, scale = torch.randint(0, 300, (50,)), torch.rand(50) / 50
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder.to(dtype)
+        decoder.zero_grad()
+        x = x32.to(dtype).detach().requires_grad_()
+        loss, correct = decoder(x, labels, scale)
+        loss.backward()
+        grads = (x.grad, decoder.weight.grad, decoder.bias.grad)
+        results[dtype] = (loss, correct, *(g.float().clone() for g in grads))  # .to() would convert them later
+    (loss32, correct32, *grads32), (loss16, correct16, *grads16) = results[torch.float32], results[torch.bfloat16]
+    assert loss16.dtype == torch.float32  # the loss is summed in fp32 whatever the weights' dtype
+    torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
+    assert abs(correct16.item() - correct32.item()) <= 1  # a near tie may flip in bf16
+    for got, expected in zip(grads16, grads32):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_linear_cross_entropy_is_exact_far_from_the_label():
     # Labels hundreds of nats below the row's best logit: exp(label - max) underflows in float32, and the loss must
     # still be the exact log-sum-exp difference (the normaliser comes from the largest probability, never the label's).

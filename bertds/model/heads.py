@@ -8,8 +8,8 @@ from torch import nn
 
 from bertds.model.config import BertConfig
 
-LOSS_CHUNK = 1024  # prediction rows per chunk of the fused vocabulary projection + cross-entropy (fewer chunks:
-# fewer passes of the decoder weight and its gradient through memory)
+LOSS_CHUNK = 256  # prediction rows per chunk of the fused vocabulary projection + cross-entropy: small enough for
+# the (chunk, vocab) buffer to stay in cache through its passes, large enough for efficient matmuls
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,20 +38,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # 16-bit matmul, fp32 softmax
                 logits.copy_(torch.addmm(bias, chunk, weight.t()))
             target = logits.gather(1, labels[rows, None]).squeeze(1)
-            top, top_index = logits.max(dim=-1)
+            top = logits.amax(dim=-1)  # amax: no argmax indices to write
             correct += ((target >= top) & (scale[rows] > 0)).sum()  # the label is the argmax
             probs = softmax_in_place(logits)  # one (chunk, vocab) buffer for logits, probabilities and gradient
-            top_prob = probs.gather(1, top_index[:, None]).squeeze(1)
+            top_prob = probs.amax(dim=-1)  # softmax keeps the order: its max sits at the max logit
             loss += (log_normalizer(top, top_prob) - target).mul(scale[rows]).sum()
             if grads:  # d loss / d logits = scale · (softmax - onehot)
                 g = probs.mul_(scale[rows, None])
                 g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= scale[rows]
                 grad_b += g.sum(0)
-                grad_w.addmm_(g.t(), chunk.float())
                 if x.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), chunk)
                     torch.mm(g, weight, out=grad_x[rows])
-                else:
-                    grad_x[rows] = g.to(x.dtype) @ weight
+                else:  # both matmuls in 16 bits (fp32 accumulation inside), as autocast would run them
+                    g16 = g.to(x.dtype)
+                    grad_w += g16.t() @ chunk
+                    grad_x[rows] = g16 @ weight
         if grads:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype))
         ctx.mark_non_differentiable(correct)
