@@ -6,7 +6,9 @@ import sys
 from tests.conftest import REPO, SHARED_DATA, launcher_env
 
 
-def test_bench_prints_pretrained_beside_random_init_with_their_difference(tmp_path, wikitext_dir, cache_dir):
+def test_bench_pretrains_on_two_ranks_and_prints_pretrained_beside_random_init_and_the_gain(
+    tmp_path, wikitext_dir, cache_dir
+):
     proc = subprocess.run(
         [
             sys.executable,
@@ -17,6 +19,8 @@ def test_bench_prints_pretrained_beside_random_init_with_their_difference(tmp_pa
             "--dropout 0.1 --masking dynamic --max-len 32 --eval-interval 0 --eval-examples 16",
             "--pretrain-batch",
             "8",
+            "--pretrain-ranks",
+            "2",
             "--seeds",
             "0",
             "--epochs",
@@ -44,10 +48,12 @@ def test_bench_prints_pretrained_beside_random_init_with_their_difference(tmp_pa
     assert len(rows) == 1, proc.stdout
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert cells[1] == "3"  # steps pretrained
-    assert 0 <= float(cells[3]) <= 1 and 0 <= float(cells[4]) <= 1  # held-out MLM / NSP accuracy
-    pretrained, random_init = (float(cells[i].split()[0]) for i in (5, 6))
+    minutes, unit = cells[3].split()
+    assert unit == "min" and 0 <= float(minutes) < 10  # the training clock of 3 steps (rounded to 0.1)
+    assert 0 <= float(cells[4]) <= 1 and 0 <= float(cells[5]) <= 1  # held-out MLM / NSP accuracy
+    pretrained, random_init = (float(cells[i].split()[0]) for i in (6, 7))
     assert 0 <= pretrained <= 1 and 0 <= random_init <= 1
-    gain, unit = cells[7].split()
+    gain, unit = cells[8].split()
     assert unit == "points" and abs(float(gain) - 100 * (pretrained - random_init)) <= 0.15  # rounded means
     assert (tmp_path / "ft_pretrained_pretrain_tiny_3_0.001_0" / "finetune_config.json").is_file()
     assert (tmp_path / "ft_random_init_pretrain_tiny_3_0.001_0" / "finetune_config.json").is_file()
