@@ -73,8 +73,8 @@ def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
 
 
 def log_normalizer(top: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
-    """log Σ_j exp(logits_j) per row, from the row's max logit ``top`` and the softmax at that logit (read at the
-    argmax rather than by a second max over the row): it is exp(top - log Σ), at least 1 / vocab, so its log loses
+    """log Σ_j exp(logits_j) per row, from the row's max logit ``top`` and the softmax at that logit (the row's
+    largest probability): it is exp(top - log Σ), at least 1 / vocab, so its log loses
     nothing to underflow."""
     return top - top_prob.log()
 
